@@ -252,36 +252,28 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             self._pending = None
 
     def _finish_step(self) -> torch.Tensor:
-        pending, self._pending = self._pending, None
-        diffs, means = pending.loss_diffs, pending.loss_means
-        # With `num_items_in_batch` the Trainer's micro-batch losses are already fractions of the batch loss
-        # (sum them); otherwise the Trainer averages them over the accumulation steps (mean them).
-        loss_diff = sum(diffs) if pending.scaled else sum(diffs) / len(diffs)
-        loss = sum(means) if pending.scaled else sum(means) / len(means)
+        pending = self._pending
         lrs = {group["lr"] for group in self.param_groups}
         if len(lrs) != 1:
+            self._abort_pending()
             raise ValueError(
                 f"KSeedZOOptimizer needs one learning rate for all parameters, found {sorted(lrs)}: seed replay "
                 "describes the model with one scalar per seed. Give every param group the same `lr`."
             )
         lr = float(lrs.pop())
-        info = {
-            "step": self.num_steps,
-            "seed_index": pending.seed_index,
-            "seed": pending.seed,
-            "loss": loss,
-            "loss_diff": loss_diff,
-            "projected_grad": None,
-            "lr": lr,
-            "skipped": None,
-        }
+        # With `num_items_in_batch` the Trainer's micro-batch losses are already fractions of the batch loss
+        # (sum them); otherwise the Trainer averages them over the accumulation steps (mean them).
+        reduce = sum if pending.scaled else (lambda values: sum(values) / len(values))
+        loss_diff, loss = reduce(pending.loss_diffs), reduce(pending.loss_means)
+        skipped = None
         if not math.isfinite(loss_diff):
             self.num_skipped_nonfinite += 1
-            info["skipped"] = "nonfinite"
+            skipped = "nonfinite"
         elif self.grad_clip is not None and abs(loss_diff) > self.grad_clip:
             self.num_skipped_clipped += 1
-            info["skipped"] = "clipped"
-        if info["skipped"] is not None:
+            skipped = "clipped"
+        grad = None
+        if skipped is not None:
             self._move_to(0)  # restore only
         else:
             grad = projected_grad(loss_diff, pending.eps)
@@ -291,9 +283,18 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             self.engine.add_noise_(self.named_params, pending.seed, alphas, betas)
             self._offset = 0
             self.accumulators[pending.seed_index] += lr * grad
-            info["projected_grad"] = grad
+        self._pending = None
+        self.last_step = {
+            "step": self.num_steps,
+            "seed_index": pending.seed_index,
+            "seed": pending.seed,
+            "loss": loss,
+            "loss_diff": loss_diff,
+            "projected_grad": grad,
+            "lr": lr,
+            "skipped": skipped,
+        }
         self.num_steps += 1
-        self.last_step = info
         return torch.tensor(loss)
 
     # ------------------------------------------------------------------ state
