@@ -82,8 +82,14 @@ def _refuse_unsupported_setup() -> None:
     if "DEEPSPEED" in distributed or "FSDP" in distributed:
         raise ValueError(
             f"KSeedZOOptimizer does not support {distributed}: it shards or flattens the weights that ZO steps "
-            "perturb in place. ZO training needs only inference memory; drop the DeepSpeed/FSDP config and use "
-            "plain data parallelism (`accelerate launch`) or `device_map`."
+            "perturb in place. ZO training needs only inference memory: drop the DeepSpeed/FSDP config, and spread "
+            'a model too large for one device with `device_map="auto"`.'
+        )
+    if int(getattr(state, "num_processes", 1)) > 1:
+        raise ValueError(
+            f"KSeedZOOptimizer runs in one process for now, found {state.num_processes}: each rank would step on its "
+            "own batch and the replicas would drift apart, since no gradient all-reduce happens. Launch a single "
+            "process (raise `per_device_train_batch_size` or `gradient_accumulation_steps` for a larger batch)."
         )
 
 

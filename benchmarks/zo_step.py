@@ -1,0 +1,375 @@
+"""Benchmark a KSeedZOOptimizer step against the naive reference ZO step, and its peak memory against inference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# torch and transformers are imported lazily, inside the functions that need them: the parent spawns the memory
+# children before it loads anything big, because Linux carries the parent's peak RSS into a child's `ru_maxrss`
+# across fork/vfork + exec.
+
+VOCAB = 32_000
+HIDDEN = 512
+INTERMEDIATE = 1_408
+LAYERS = 8
+HEADS = 8
+BATCH_SIZE = 1
+LR = 1e-7
+EPS = 1e-3
+NUM_SEEDS = 4096
+MODEL_INIT_SEED = 0
+BATCH_SEED = 1234
+MIB = 1 << 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 warm-up + 5 timed steps of each workload")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON result to this path")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps of each workload (default 10, quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps of each workload (default 3)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--memory-steps", type=int, default=None, help="steps each memory child runs (3, quick 2)")
+    parser.add_argument("--memory-child", choices=["inference", "zo", "adamw"], default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 5 if args.quick else 10
+    if args.warmup is None:
+        args.warmup = 3
+    if args.memory_steps is None:
+        args.memory_steps = 2 if args.quick else 3
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- model and batch
+def build_model_and_batch(seq_len: int, device: str, threads: int) -> tuple[Any, dict[str, Any]]:
+    """The ~58M-parameter float32 Llama and one fixed random batch (input_ids == labels), nothing downloaded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=max(2048, seq_len),
+    )
+    # transformers initialises weights from the global RNG; seed it for a reproducible model, inside fork_rng so
+    # the caller's global RNG state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MODEL_INIT_SEED)
+        model = LlamaForCausalLM(config)
+    model = model.to(device=device, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(BATCH_SEED)
+    input_ids = torch.randint(VOCAB, (BATCH_SIZE, seq_len), generator=generator).to(device)
+    return model, {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive_seeds(count: int) -> list[int]:
+    """Seeds for the reference steps, drawn once from a private generator in the official code's range."""
+    import torch
+
+    generator = torch.Generator().manual_seed(BATCH_SEED + 1)
+    return torch.randint(1, 100_000_000_000, (count,), generator=generator).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def run_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """Interleave every workload round-robin on one shared model and return median seconds and raw samples.
+
+    One model serves ours and the naive reference: with lr 1e-7 the updates are negligible, and sharing keeps the
+    weights, allocator and caches identical for both.
+    """
+    import torch
+
+    from hf_fedkseed import KSeedZOOptimizer
+    from hf_fedkseed.reference import ReferenceZO
+
+    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads)
+    optimizer = KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=NUM_SEEDS)
+    reference = ReferenceZO(model, lr=LR, eps=EPS)
+    rounds = args.warmup + args.steps
+    seeds = iter(naive_seeds(3 * rounds))  # one per naive step and per noise pass
+    rng_devices = list(range(torch.cuda.device_count()))
+
+    def ours_hooked() -> None:
+        # What transformers.Trainer.training_step does: model.train(), optimizer.train(), forward, backward (the
+        # hook ties the loss to a zero-cost leaf, so it is free), then optimizer.step() and zero_grad().
+        model.train()
+        optimizer.train()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def ours_closure() -> None:
+        optimizer.step(lambda: model(**batch).loss)
+
+    def naive() -> None:
+        model.eval()
+        with torch.no_grad():
+            reference.step(lambda: model(**batch).loss, seed=next(seeds))
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+
+    # One pass of z generation + in-place add over all parameters, for the breakdown (alpha 0 leaves w unchanged).
+    def ours_noise_pass() -> None:
+        optimizer.engine.add_noise_(optimizer.named_params, next(seeds), 0.0)
+
+    def naive_noise_pass() -> None:
+        with torch.random.fork_rng(devices=rng_devices):
+            reference._perturb_parameters(next(seeds), 0.0)
+
+    workloads: dict[str, Callable[[], None]] = {
+        "ours_hooked": ours_hooked,
+        "naive": naive,
+        "ours_closure": ours_closure,
+        "forward": forward,
+        "ours_noise_pass": ours_noise_pass,
+        "naive_noise_pass": naive_noise_pass,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
+    for round_index in range(rounds):
+        for name, workload in workloads.items():
+            synchronize(args.device)
+            start = time.perf_counter()
+            workload()
+            synchronize(args.device)
+            if round_index >= args.warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {
+        "medians": {name: statistics.median(values) for name, values in samples.items()},
+        "samples": samples,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "engine": f"{optimizer.engine.name} v{optimizer.engine.version}",
+        "attn_implementation": model.config._attn_implementation,
+        "zo_steps_done": optimizer.num_steps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one workload in this fresh process and report its peak memory (whole-process RSS, or CUDA allocated)."""
+    maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import torch
+
+    rss_after_imports = current_rss_bytes()
+    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads)
+    rss_after_build = current_rss_bytes()
+    cuda = args.device == "cuda"
+    cuda_after_build = torch.cuda.memory_allocated() if cuda else 0
+
+    mode = args.memory_child
+    if mode == "inference":
+        model.eval()
+        with torch.no_grad():
+            for _ in range(2 * args.memory_steps):  # as many forwards as the ZO steps run
+                model(**batch)
+    elif mode == "zo":
+        from hf_fedkseed import KSeedZOOptimizer
+
+        optimizer = KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=NUM_SEEDS)
+        for _ in range(args.memory_steps):
+            model.train()
+            optimizer.train()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    else:
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+        for _ in range(args.memory_steps):
+            model(**batch).loss.backward()
+            adamw.step()
+            adamw.zero_grad(set_to_none=True)
+    synchronize(args.device)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "mode": mode,
+        "measure": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss",
+        "peak_bytes": peak,
+        "after_build_bytes": cuda_after_build if cuda else rss_after_build,
+        "rss_after_imports_bytes": rss_after_imports,
+        "maxrss_at_start_bytes": maxrss_at_start,
+    }
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Run each memory mode in its own fresh interpreter and collect their reports."""
+    results: dict[str, dict[str, Any]] = {}
+    for mode in ("inference", "zo", "adamw"):
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--memory-child",
+            mode,
+            "--seq-len",
+            str(args.seq_len),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+            "--memory-steps",
+            str(args.memory_steps),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child {mode!r} failed ({done.returncode}):\n{done.stderr}")
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- report
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[str, dict[str, Any]]) -> dict:
+    import torch
+    import transformers
+
+    med = timing["medians"]
+    forward = med["forward"]
+
+    def not_forward_share(step: float) -> float:
+        return (step - 2 * forward) / step
+
+    def mib(value: float) -> float:
+        return round(value / MIB, 1)
+
+    peaks = {mode: report["peak_bytes"] for mode, report in memory.items()}
+    ratio = med["ours_hooked"] / med["naive"]
+    memory_ratio = peaks["zo"] / peaks["inference"]
+    return {
+        "zo_step_ratio_vs_naive": round(ratio, 4),
+        "zo_closure_step_ratio_vs_naive": round(med["ours_closure"] / med["naive"], 4),
+        "peak_memory_ratio_vs_inference": round(memory_ratio, 4),
+        "peak_memory_ratio_adamw_vs_inference": round(peaks["adamw"] / peaks["inference"], 4),
+        "targets_met": {
+            "zo_step_ratio_vs_naive<=0.8": ratio <= 0.8,
+            "peak_memory_ratio_vs_inference<=1.10": memory_ratio <= 1.10,
+        },
+        "ours_step_seconds": round(med["ours_hooked"], 4),
+        "ours_closure_step_seconds": round(med["ours_closure"], 4),
+        "naive_step_seconds": round(med["naive"], 4),
+        "forward_seconds": round(forward, 4),
+        "ours_share_not_forward": round(not_forward_share(med["ours_hooked"]), 4),
+        "ours_closure_share_not_forward": round(not_forward_share(med["ours_closure"]), 4),
+        "naive_share_not_forward": round(not_forward_share(med["naive"]), 4),
+        "ours_noise_pass_seconds": round(med["ours_noise_pass"], 4),
+        "naive_noise_pass_seconds": round(med["naive_noise_pass"], 4),
+        "peak_inference_mib": mib(peaks["inference"]),
+        "peak_zo_mib": mib(peaks["zo"]),
+        "peak_adamw_mib": mib(peaks["adamw"]),
+        "after_build_mib": {mode: mib(report["after_build_bytes"]) for mode, report in memory.items()},
+        "rss_after_imports_mib": {mode: mib(report["rss_after_imports_bytes"]) for mode, report in memory.items()},
+        "maxrss_at_child_start_mib": {mode: mib(report["maxrss_at_start_bytes"]) for mode, report in memory.items()},
+        "memory_measure": memory["zo"]["measure"],
+        "memory_steps": args.memory_steps,
+        "parameter_bytes": timing["parameter_bytes"],
+        "parameter_mib": mib(timing["parameter_bytes"]),
+        "num_parameters": timing["num_parameters"],
+        "seq_len": args.seq_len,
+        "batch_size": BATCH_SIZE,
+        "threads": args.threads,
+        "device": args.device,
+        "engine": timing["engine"],
+        "num_seeds": NUM_SEEDS,
+        "lr": LR,
+        "eps": EPS,
+        "attn_implementation": timing["attn_implementation"],
+        "model_copies": "one shared model for ours and naive",
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "quick": args.quick,
+        "samples_seconds": {name: [round(v, 4) for v in values] for name, values in timing["samples"].items()},
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "cpu": cpu_name(),
+        "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    }
+
+
+def print_table(report: dict) -> None:
+    r = report
+    rows = [
+        ("params", f"{r['num_parameters'] / 1e6:.1f} M ({r['parameter_mib']} MiB)"),
+        ("setup", f"{r['device']}, {r['threads']} threads, batch {r['batch_size']} x {r['seq_len']}, {r['engine']}"),
+        ("forward (no_grad)", f"{r['forward_seconds']:.3f} s"),
+        ("ours, hooked step", f"{r['ours_step_seconds']:.3f} s  ({r['ours_share_not_forward']:.0%} not forward)"),
+        ("ours, closure step", f"{r['ours_closure_step_seconds']:.3f} s  ({r['ours_closure_share_not_forward']:.0%})"),
+        ("naive step", f"{r['naive_step_seconds']:.3f} s  ({r['naive_share_not_forward']:.0%} not forward)"),
+        ("z pass ours / naive", f"{r['ours_noise_pass_seconds']:.3f} s / {r['naive_noise_pass_seconds']:.3f} s"),
+        ("step ratio vs naive", f"{r['zo_step_ratio_vs_naive']:.3f}  (target <= 0.8)"),
+        ("peak inference/zo/adamw", f"{r['peak_inference_mib']} / {r['peak_zo_mib']} / {r['peak_adamw_mib']} MiB"),
+        ("peak ratio zo vs inf", f"{r['peak_memory_ratio_vs_inference']:.3f}  (target <= 1.10)"),
+        ("peak ratio adamw vs inf", f"{r['peak_memory_ratio_adamw_vs_inference']:.3f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(args)))
+        return 0
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    memory = measure_memory(args)  # first, while this process is still small (see the note on imports)
+    timing = run_timing(args)
+    report = build_report(args, timing, memory)
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    # Other processes on the same cores skew every figure; the load average makes such a run recognisable.
+    report["load_average_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
