@@ -1,0 +1,41 @@
+"""Federated FedKSeed: partitioners, server, client and wire protocol (no Trainer inside)."""
+
+from .partition import (
+    STRATEGIES,
+    Partition,
+    dirichlet_partition,
+    iid_partition,
+    natural_partition,
+    partition_dataset,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    ProtocolError,
+    SyncMessage,
+    UpdateMessage,
+    decode_message,
+    message_bytes_report,
+    seed_index_dtype,
+)
+from .server import DEFAULT_PRO_CLIP, AggregationResult, ClientUpdate, KSeedServer, SparseVector
+
+__all__ = [
+    "DEFAULT_PRO_CLIP",
+    "PROTOCOL_VERSION",
+    "STRATEGIES",
+    "AggregationResult",
+    "ClientUpdate",
+    "KSeedServer",
+    "Partition",
+    "ProtocolError",
+    "SparseVector",
+    "SyncMessage",
+    "UpdateMessage",
+    "decode_message",
+    "dirichlet_partition",
+    "iid_partition",
+    "message_bytes_report",
+    "natural_partition",
+    "partition_dataset",
+    "seed_index_dtype",
+]
