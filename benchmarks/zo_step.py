@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--memory-steps", type=int, default=None, help="steps each memory child runs (3, quick 2)")
+    parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="fresh children per mode for inference and zo (median kept)"
+    )
     parser.add_argument("--memory-child", choices=["inference", "zo", "adamw"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -51,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = 3
     if args.memory_steps is None:
         args.memory_steps = 2 if args.quick else 3
+    for name in ("steps", "memory_steps", "memory_repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     return args
 
 
@@ -89,7 +97,7 @@ def synchronize(device: str) -> None:
 
 
 def naive_seeds(count: int) -> list[int]:
-    """Seeds for the reference steps, drawn once from a private generator in the official code's range."""
+    """Seeds for the reference steps and noise passes, drawn once from a private generator (official range)."""
     import torch
 
     generator = torch.Generator().manual_seed(BATCH_SEED + 1)
@@ -170,7 +178,6 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
         "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "engine": f"{optimizer.engine.name} v{optimizer.engine.version}",
         "attn_implementation": model.config._attn_implementation,
-        "zo_steps_done": optimizer.num_steps,
     }
 
 
@@ -226,10 +233,16 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Run each memory mode in its own fresh interpreter and collect their reports."""
-    results: dict[str, dict[str, Any]] = {}
-    for mode in ("inference", "zo", "adamw"):
+def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Run each memory mode in fresh interpreters, interleaved, and collect their reports.
+
+    glibc's heap keeps freed activation memory resident in a run-dependent way (its mmap threshold adapts and
+    small long-lived allocations pin freed regions), so one child's peak RSS varies by several percent: inference
+    and zo are repeated and compared by their medians. adamw, context only, runs once.
+    """
+    results: dict[str, list[dict[str, Any]]] = {"inference": [], "zo": [], "adamw": []}
+    runs = ["inference", "zo", "adamw"] + ["inference", "zo"] * (args.memory_repeats - 1)
+    for mode in runs:
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -247,7 +260,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory child {mode!r} failed ({done.returncode}):\n{done.stderr}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
     return results
 
 
@@ -263,7 +276,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[str, dict[str, Any]]) -> dict:
+def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[str, list[dict[str, Any]]]) -> dict:
     import torch
     import transformers
 
@@ -276,7 +289,7 @@ def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[
     def mib(value: float) -> float:
         return round(value / MIB, 1)
 
-    peaks = {mode: report["peak_bytes"] for mode, report in memory.items()}
+    peaks = {mode: statistics.median(report["peak_bytes"] for report in reports) for mode, reports in memory.items()}
     ratio = med["ours_hooked"] / med["naive"]
     memory_ratio = peaks["zo"] / peaks["inference"]
     return {
@@ -300,11 +313,15 @@ def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[
         "peak_inference_mib": mib(peaks["inference"]),
         "peak_zo_mib": mib(peaks["zo"]),
         "peak_adamw_mib": mib(peaks["adamw"]),
-        "after_build_mib": {mode: mib(report["after_build_bytes"]) for mode, report in memory.items()},
-        "rss_after_imports_mib": {mode: mib(report["rss_after_imports_bytes"]) for mode, report in memory.items()},
-        "maxrss_at_child_start_mib": {mode: mib(report["maxrss_at_start_bytes"]) for mode, report in memory.items()},
-        "memory_measure": memory["zo"]["measure"],
+        "peak_mib_samples": {mode: [mib(r["peak_bytes"]) for r in reports] for mode, reports in memory.items()},
+        "after_build_mib": {mode: mib(reports[0]["after_build_bytes"]) for mode, reports in memory.items()},
+        "rss_after_imports_mib": {mode: mib(reports[0]["rss_after_imports_bytes"]) for mode, reports in memory.items()},
+        "maxrss_at_child_start_mib": {
+            mode: mib(reports[0]["maxrss_at_start_bytes"]) for mode, reports in memory.items()
+        },
+        "memory_measure": memory["zo"][0]["measure"],
         "memory_steps": args.memory_steps,
+        "memory_repeats": args.memory_repeats,
         "parameter_bytes": timing["parameter_bytes"],
         "parameter_mib": mib(timing["parameter_bytes"]),
         "num_parameters": timing["num_parameters"],
