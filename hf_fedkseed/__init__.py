@@ -13,10 +13,24 @@ from .zo import SeedSampler, make_seed_pool
 
 __version__ = "0.1.0"
 
+_LAZY = {"FederatedCallback": ".callback", "FederatedConfig": ".callback"}
+
+
+def __getattr__(name: str):
+    """Import the Trainer-side classes (and transformers) only when they are used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINES",
     "ChunkedGeneratorEngine",
+    "FederatedCallback",
+    "FederatedConfig",
     "KSeedZOOptimizer",
     "PerturbationEngine",
     "SeedSampler",

@@ -140,6 +140,8 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         self._pending: _PendingStep | None = None
         self._offset = 0  # the weights are at w + offset * eps * z_pending
         self._hooks: ZOForwardHooks | None = None
+        self._attached: dict = {}  # name -> object with state_dict()/load_state_dict(), saved with this optimizer
+        self._unclaimed_state: dict = {}  # attached state loaded before its owner attached itself
 
     # ------------------------------------------------------------------ public API
     @property
@@ -180,6 +182,16 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             self._hooks.disarm()
         if self._pending is not None:
             self._move_to(0)
+
+    def attach_state(self, name: str, owner) -> None:
+        """Save `owner.state_dict()` inside this optimizer's state, so Trainer checkpoints carry it.
+
+        A callback (such as `FederatedCallback`) attaches itself; if a checkpoint holding state under `name` was
+        loaded before the owner attached, `owner.load_state_dict` receives it now.
+        """
+        self._attached[name] = owner
+        if name in self._unclaimed_state:
+            owner.load_state_dict(self._unclaimed_state.pop(name))
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks from the model (they are installed on the first `train()`)."""
@@ -311,6 +323,7 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             "num_steps": self.num_steps,
             "num_skipped_nonfinite": self.num_skipped_nonfinite,
             "num_skipped_clipped": self.num_skipped_clipped,
+            "attached": {name: owner.state_dict() for name, owner in self._attached.items()},
         }
         return state
 
@@ -343,6 +356,11 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         self.num_steps = int(kseed["num_steps"])
         self.num_skipped_nonfinite = int(kseed["num_skipped_nonfinite"])
         self.num_skipped_clipped = int(kseed["num_skipped_clipped"])
+        for name, attached_state in kseed.get("attached", {}).items():
+            if name in self._attached:
+                self._attached[name].load_state_dict(attached_state)
+            else:
+                self._unclaimed_state[name] = attached_state
 
     def reconstruct_(self, base_params: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
         """Rebuild `w0 - sum_j accumulators[j] * z_j` in place on `base_params` (default: this optimizer's own).

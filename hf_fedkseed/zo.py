@@ -54,6 +54,9 @@ def validate_probabilities(probabilities: torch.Tensor | Sequence[float], num_se
 class SeedSampler:
     """Draws seed indices, uniformly or from given probabilities, from its own `torch.Generator`.
 
+    A caller may also queue an explicit schedule of indices (a FedKSeed-Pro server draws them for its clients):
+    queued indices are used first, in order, without touching the generator.
+
     Args:
         num_seeds: K, the size of the candidate pool.
         seed: seeds the private generator (never the global RNG).
@@ -64,19 +67,38 @@ class SeedSampler:
         self.num_seeds = num_seeds
         self.generator = torch.Generator().manual_seed(_splitmix64(seed ^ 0x5EED5A3F1E))
         self.probabilities = None if probabilities is None else validate_probabilities(probabilities, num_seeds)
+        self.schedule: list[int] = []
+
+    def set_schedule(self, indices: torch.Tensor | Sequence[int] | None) -> None:
+        """Use these seed indices, in order, for the next draws (None or empty clears the schedule).
+
+        Raises:
+            ValueError: if an index is outside `[0, num_seeds)`.
+        """
+        values = [] if indices is None else [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
+        if any(not 0 <= i < self.num_seeds for i in values):
+            raise ValueError(f"A scheduled seed index is outside [0, {self.num_seeds}); it must index the seed pool.")
+        self.schedule = values
 
     def sample(self) -> int:
+        if self.schedule:
+            return self.schedule.pop(0)
         if self.probabilities is None:
             return int(torch.randint(self.num_seeds, (1,), generator=self.generator).item())
         return int(torch.multinomial(self.probabilities, 1, generator=self.generator).item())
 
     def state_dict(self) -> dict:
-        return {"generator_state": self.generator.get_state(), "probabilities": self.probabilities}
+        return {
+            "generator_state": self.generator.get_state(),
+            "probabilities": self.probabilities,
+            "schedule": torch.tensor(self.schedule, dtype=torch.int64),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator_state"])
         probs = state.get("probabilities")
         self.probabilities = None if probs is None else validate_probabilities(probs, self.num_seeds)
+        self.set_schedule(state.get("schedule"))
 
 
 def projected_grad(loss_diff: float, eps: float) -> float:

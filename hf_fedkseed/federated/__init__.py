@@ -1,5 +1,6 @@
 """Federated FedKSeed: partitioners, server, client and wire protocol (no Trainer inside)."""
 
+from .client import KSeedClient, LocalStep
 from .partition import (
     STRATEGIES,
     Partition,
@@ -25,7 +26,9 @@ __all__ = [
     "STRATEGIES",
     "AggregationResult",
     "ClientUpdate",
+    "KSeedClient",
     "KSeedServer",
+    "LocalStep",
     "Partition",
     "ProtocolError",
     "SparseVector",

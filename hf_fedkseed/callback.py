@@ -1,0 +1,459 @@
+"""FederatedCallback: FedKSeed rounds emulated inside one stock `transformers.Trainer`, over dataset shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset
+from transformers import TrainerCallback
+
+from .federated.client import UNDO_MODES, KSeedClient
+from .federated.partition import STRATEGIES, Partition, partition_dataset
+from .federated.protocol import SyncMessage, UpdateMessage
+from .federated.server import AGGREGATIONS, DEFAULT_PRO_CLIP, ClientUpdate, KSeedServer
+from .optimizer import KSeedZOOptimizer
+from .perturbation import _splitmix64
+
+logger = logging.getLogger(__name__)
+
+_STATE_NAME = "federated"
+_DATA_SALT = 0xDA7A
+_SCHEDULE_SALT = 0x5C4ED
+
+
+def _mix(*parts: int) -> int:
+    """A 64-bit hash of a tuple of integers: seeds one private generator per (purpose, round, client)."""
+    value = 0
+    for part in parts:
+        value = _splitmix64(value ^ (part & ((1 << 64) - 1)))
+    return value
+
+
+@dataclass
+class FederatedConfig:
+    """The federated setting of a run: clients, rounds, local steps, partition and FedKSeed-Pro.
+
+    One Trainer optimizer step is one local step, so a run takes `rounds * clients_per_round * local_steps` steps.
+    """
+
+    rounds: int = field(metadata={"help": "Number of federated rounds."})
+    local_steps: int = field(default=200, metadata={"help": "tau: local ZO steps per selected client and round."})
+    num_clients: int | None = field(
+        default=None, metadata={"help": "Clients for iid/dirichlet partitions; natural partitions derive it."}
+    )
+    clients_per_round: int | None = field(default=None, metadata={"help": "Clients selected per round."})
+    client_fraction: float | None = field(
+        default=None, metadata={"help": "Fraction of clients selected per round (the paper: 0.05)."}
+    )
+    partition: str = field(default="iid", metadata={"help": f"How to shard the data: one of {STRATEGIES}."})
+    partition_column: str | None = field(
+        default=None, metadata={"help": "Column for dirichlet (label) or natural (client id) partitions."}
+    )
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (the paper: 0.5)."})
+    min_client_size: int = field(default=1, metadata={"help": "Smallest number of rows a client may hold."})
+    held_out: list[Any] | None = field(
+        default=None, metadata={"help": "Values of `partition_column` kept out of training (evaluation)."}
+    )
+    pro: bool = field(default=False, metadata={"help": "FedKSeed-Pro: sample seeds by their importance."})
+    pro_clip: float = field(default=DEFAULT_PRO_CLIP, metadata={"help": "Clip of |g| in Pro importance."})
+    aggregation: str = field(default="samples", metadata={"help": f"Client weights: one of {AGGREGATIONS}."})
+    max_abs_scalar: float | None = field(
+        default=None, metadata={"help": "Reject client updates holding a |lr*g| above this bound."}
+    )
+    undo: str = field(default="snapshot", metadata={"help": f"How local drift is undone: one of {UNDO_MODES}."})
+    seed: int = field(default=0, metadata={"help": "Seeds the partition, client selection and client data order."})
+
+    def __post_init__(self):
+        def positive_int(name: str, value) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Invalid `{name}`: {value!r}; it must be a positive integer.")
+
+        positive_int("rounds", self.rounds)
+        positive_int("local_steps", self.local_steps)
+        positive_int("min_client_size", self.min_client_size)
+        if self.num_clients is not None:
+            positive_int("num_clients", self.num_clients)
+        if (self.clients_per_round is None) == (self.client_fraction is None):
+            raise ValueError("Set exactly one of `clients_per_round` and `client_fraction`.")
+        if self.partition not in STRATEGIES:
+            raise ValueError(f"Invalid `partition` {self.partition!r}; choose one of {STRATEGIES}.")
+        if self.partition in ("iid", "dirichlet") and self.num_clients is None:
+            raise ValueError(f"`partition={self.partition!r}` needs `num_clients`.")
+        if self.partition in ("dirichlet", "natural") and not self.partition_column:
+            raise ValueError(f"`partition={self.partition!r}` needs `partition_column`.")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"Invalid `aggregation` {self.aggregation!r}; choose one of {AGGREGATIONS}.")
+        if self.undo not in UNDO_MODES:
+            raise ValueError(f"Invalid `undo` {self.undo!r}; choose one of {UNDO_MODES}.")
+
+
+class FederatedTrainDataset(IterableDataset):
+    """The Trainer's training stream: the rows of each round's selected clients, in step order.
+
+    Item `k` of optimizer step `s` is row `perm[(t * per_step + k) % n]` of the active client's shard, where
+    `(round, slot, t)` is where step `s` falls, `perm` a permutation of the shard drawn from (seed, round, client),
+    and `per_step = per_device_train_batch_size * gradient_accumulation_steps`. So every batch of a local step comes
+    from the active client's shard, and the stream is a pure function of the configuration, which makes resuming
+    (the Trainer replays the stream up to the checkpoint) exact.
+    """
+
+    def __init__(self, callback: FederatedCallback):
+        self.callback = callback
+
+    def __iter__(self):
+        callback = self.callback
+        if callback.per_step is None:
+            raise RuntimeError("FederatedTrainDataset is iterated by the Trainer once FederatedCallback has started.")
+        config, per_step = callback.config, callback.per_step
+        for round_index in range(config.rounds):
+            for client in callback.selected_clients(round_index):
+                rows = callback.partition.clients[client]
+                generator = torch.Generator().manual_seed(_mix(_DATA_SALT, config.seed, round_index, client))
+                order = torch.randperm(len(rows), generator=generator).tolist()
+                for position in range(config.local_steps * per_step):
+                    yield callback.row(rows[order[position % len(rows)]])
+
+
+class FederatedCallback(TrainerCallback):
+    """Runs FedKSeed (or FedKSeed-Pro) rounds inside the stock `transformers.Trainer`.
+
+    The Trainer's optimizer steps are the local steps of the selected clients, round after round: the callback
+    selects clients (the pure `KSeedServer`), feeds each local step from the active client's shard
+    (`train_dataset`), syncs the shared model to the server's accumulators (the pure `KSeedClient`), collects each
+    client's (seed index, scalar) pairs through the real wire messages, aggregates them, and logs one record per
+    round to the Trainer log and `OUTPUT/rounds.jsonl`. One model object serves every client: each client's local
+    drift is undone before the next one (`FederatedConfig.undo`), so memory stays that of inference plus O(K).
+
+    Checkpoints land on round boundaries (a save the Trainer asks for mid-round is taken at the round's end) and
+    carry the server, client and sampler state inside the optimizer's state, so `resume_from_checkpoint` continues
+    exactly.
+
+    Args:
+        config: the federated setting.
+        train_dataset: the (tokenized) training rows of all clients.
+        partition: a precomputed `Partition` of `train_dataset`, instead of the one `config` describes.
+
+    Raises:
+        ValueError: for a partition that does not fit the data, and at the start of training for a `max_steps`
+            too small for the rounds, an optimizer with weight decay, or a Trainer fed another dataset.
+
+    Example:
+        >>> federated = FederatedCallback(FederatedConfig(rounds=40, local_steps=200, client_fraction=0.05,
+        ...                                               partition="natural", partition_column="task"), dataset)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=federated.train_dataset,
+        ...                   optimizers=(KSeedZOOptimizer(model, lr=3e-7, eps=5e-4), None), callbacks=[federated])
+    """
+
+    def __init__(self, config: FederatedConfig, train_dataset, *, partition: Partition | None = None):
+        self.config = config
+        self.dataset = train_dataset
+        if partition is None:
+            kwargs: dict[str, Any] = {}
+            if config.partition == "iid":
+                kwargs = dict(num_clients=config.num_clients, seed=config.seed)
+            elif config.partition == "dirichlet":
+                kwargs = dict(
+                    num_clients=config.num_clients,
+                    column=config.partition_column,
+                    alpha=config.dirichlet_alpha,
+                    seed=config.seed,
+                    min_client_size=config.min_client_size,
+                )
+            else:
+                kwargs = dict(column=config.partition_column, min_client_size=config.min_client_size)
+            if config.held_out and config.partition != "iid":
+                kwargs["held_out"] = config.held_out
+            elif config.held_out:
+                kwargs.update(column=config.partition_column, held_out=config.held_out)
+            partition = partition_dataset(train_dataset, config.partition, **kwargs)
+        self.partition = partition
+        self.server: KSeedServer | None = None  # built when the Trainer hands over the optimizer (K, seed)
+        self.train_dataset = FederatedTrainDataset(self)
+        self.columns: list[str] | None = None
+        self.per_step: int | None = None
+        self.client: KSeedClient | None = None
+        self.optimizer: KSeedZOOptimizer | None = None
+        self.rounds_path: Path | None = None
+        self.history: list[dict] = []
+        self._round: dict | None = None
+        self._client_index: int | None = None
+        self._save_requested = False
+        self._pending_log: dict | None = None
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def clients_per_round(self) -> int:
+        return self.server.clients_per_round
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.rounds * self.clients_per_round * self.config.local_steps
+
+    def selected_clients(self, round_index: int) -> list[int]:
+        return self.server.select_clients(round_index)
+
+    def where(self, global_step: int) -> tuple[int, int, int]:
+        """(round, slot among the round's clients, local step) of a Trainer optimizer step."""
+        steps_per_round = self.clients_per_round * self.config.local_steps
+        return (
+            global_step // steps_per_round,
+            (global_step % steps_per_round) // self.config.local_steps,
+            global_step % self.config.local_steps,
+        )
+
+    def row(self, index: int) -> dict:
+        item = self.dataset[index]
+        return item if self.columns is None else {k: v for k, v in item.items() if k in self.columns}
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not isinstance(optimizer, KSeedZOOptimizer):
+            raise TypeError("FederatedCallback needs `optimizers=(KSeedZOOptimizer(model, ...), None)` in the Trainer.")
+        if any(group["weight_decay"] != 0 for group in optimizer.param_groups):
+            raise ValueError(
+                "FederatedCallback needs `weight_decay=0` in KSeedZOOptimizer: with decay the model is no longer "
+                "`w0 - sum_j A_j z_j`, so K scalars cannot describe it."
+            )
+        self.optimizer = optimizer
+        self.server = KSeedServer(
+            self.partition.num_clients,
+            num_seeds=optimizer.num_seeds,
+            seed=optimizer.seed,
+            clients_per_round=self.config.clients_per_round,
+            client_fraction=self.config.client_fraction,
+            aggregation=self.config.aggregation,
+            pro=self.config.pro,
+            pro_clip=self.config.pro_clip,
+            max_abs_scalar=self.config.max_abs_scalar,
+        )
+        if not torch.equal(self.server.seed_pool, optimizer.seed_pool):
+            raise ValueError(
+                "The optimizer's seed pool is not the one its `seed` draws; FederatedCallback needs the pool that "
+                "`make_seed_pool(num_seeds, seed)` gives (do not pass `seed_pool=`)."
+            )
+        if args.max_steps < self.total_steps:
+            raise ValueError(
+                f"`max_steps`={args.max_steps} cannot hold {self.config.rounds} rounds x {self.clients_per_round} "
+                f"clients x {self.config.local_steps} local steps; set `max_steps={self.total_steps}`."
+            )
+        if args.remove_unused_columns and model is not None:
+            import inspect
+
+            signature = inspect.signature(model.forward).parameters
+            self.columns = [name for name in signature if name not in ("self", "kwargs")] + ["label", "labels"]
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is not None and getattr(train_dataloader, "dataset", None) is not self.train_dataset:
+            raise ValueError(
+                "Pass `train_dataset=federated.train_dataset` to the Trainer, so each local step reads its client."
+            )
+        self.per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        optimizer = self.optimizer
+        self.client = KSeedClient(
+            optimizer.named_params, engine=optimizer.engine, seed_pool=optimizer.seed_pool, undo=self.config.undo
+        )
+        optimizer.attach_state(_STATE_NAME, self)  # restores the federated state when resuming
+        round_index, slot, local_step = self.where(state.global_step)
+        if slot or local_step:
+            raise ValueError(
+                f"Resuming at step {state.global_step}, inside round {round_index}; FederatedCallback checkpoints "
+                "land on round boundaries, so resume from one of those."
+            )
+        if state.is_world_process_zero:
+            self.rounds_path = Path(args.output_dir) / "rounds.jsonl"
+            self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
+            self._rewrite_rounds_file(keep_below=round_index)
+        logger.info(
+            "FedKSeed%s: %d clients, %d per round, %d rounds x %d local steps = %d Trainer steps",
+            "-Pro" if self.config.pro else "",
+            self.partition.num_clients,
+            self.clients_per_round,
+            self.config.rounds,
+            self.config.local_steps,
+            self.total_steps,
+        )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        round_index, slot, local_step = self.where(state.global_step)
+        if local_step:
+            return
+        if slot == 0:
+            self._begin_round(round_index)
+        self._begin_client(slot)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        round_index, slot, local_step = self.where(state.global_step - 1)  # global_step already counts this step
+        record = self._round
+        record["losses"].append(self.optimizer.last_step["loss"])
+        self.client.record_step(self.optimizer.last_step)
+        if local_step == self.config.local_steps - 1:
+            self._end_client()
+            if slot == self.clients_per_round - 1:
+                self._end_round(round_index)
+                control.should_log = True
+                if self._save_requested or control.should_save:
+                    control.should_save = args.save_strategy != "no"
+                    self._save_requested = False
+                if round_index == self.config.rounds - 1:
+                    control.should_training_stop = True
+                return
+        if control.should_save:  # mid-round: the client's drift is in the weights; save at the round's end instead
+            self._save_requested = True
+            control.should_save = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_log is not None and logs is not None:
+            logs.update(self._pending_log)
+            if state.log_history:
+                state.log_history[-1].update(self._pending_log)
+            self._pending_log = None
+
+    # ------------------------------------------------------------------ rounds
+    def _begin_round(self, round_index: int) -> None:
+        self._round = {
+            "round": round_index,
+            "clients": self.selected_clients(round_index),
+            "updates": [],
+            "failed": {},
+            "losses": [],
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "start": time.perf_counter(),
+        }
+        if self.client.synced_round is None:  # the first round: everyone starts at w0
+            self.client.catch_up(self._sync_message(round_index, schedule=None))
+
+    def _begin_client(self, slot: int) -> None:
+        record = self._round
+        client_id = record["clients"][slot]
+        schedule = None
+        if self.config.pro:  # the server draws the client's tau seeds from the Pro distribution and sends them
+            generator = torch.Generator().manual_seed(
+                _mix(_SCHEDULE_SALT, self.optimizer.seed, record["round"], client_id)
+            )
+            schedule = torch.multinomial(
+                self.server.probabilities(), self.config.local_steps, replacement=True, generator=generator
+            )
+        sync = self._sync_message(record["round"], schedule=schedule)
+        payload = sync.encode()
+        record["bytes_down"] += len(payload)
+        received = SyncMessage.decode(payload)
+        self.client.catch_up(received)
+        self.optimizer.sampler.set_schedule(received.seed_schedule)
+        self.client.begin_local()
+        self._client_index = slot
+
+    def _end_client(self) -> None:
+        record = self._round
+        client_id = record["clients"][self._client_index]
+        try:
+            update = self.client.build_update(
+                server_round=record["round"],
+                client_id=client_id,
+                num_samples=len(self.partition.clients[client_id]),
+                pro=self.config.pro,
+            )
+            payload = update.encode()
+            record["bytes_up"] += len(payload)
+            received = UpdateMessage.decode(payload)
+            record["updates"].append(
+                ClientUpdate(
+                    client_id=received.client_id,
+                    num_samples=received.num_samples,
+                    seed_indices=received.seed_indices,
+                    scalars=received.scalars,
+                    projected_grads=received.projected_grads,
+                )
+            )
+        except Exception as error:  # a failing client is left out of this round; the round goes on
+            record["failed"][client_id] = f"{type(error).__name__}: {error}"
+            logger.warning("Round %d: client %d failed and is left out: %s", record["round"], client_id, error)
+        finally:
+            self.client.end_local()
+            self.optimizer.sampler.set_schedule(None)
+            self.optimizer.accumulators = self.client.synced.clone()
+
+    def _end_round(self, round_index: int) -> None:
+        record = self._round
+        result = self.server.aggregate(round_index, record["updates"])
+        for client_id, reason in result.rejected.items():
+            logger.warning("Round %d: update of client %d rejected: %s", round_index, client_id, reason)
+        self.client.catch_up(self._sync_message(round_index + 1, schedule=None))
+        self.optimizer.accumulators = self.client.synced.clone()
+        clients = len(record["clients"])
+        entry = {
+            "round": round_index,
+            "clients": record["clients"],
+            "accepted": result.accepted,
+            "failed": sorted(record["failed"]),
+            "rejected": sorted(result.rejected),
+            "train_loss": sum(record["losses"]) / max(len(record["losses"]), 1),
+            "bytes_up": record["bytes_up"],
+            "bytes_down": record["bytes_down"],
+            "bytes_per_client": (record["bytes_up"] + record["bytes_down"]) / clients,
+            "seeds_touched": result.seeds_touched,
+            "seconds": time.perf_counter() - record["start"],
+        }
+        self.history.append(entry)
+        self._pending_log = {
+            "round": entry["round"],
+            "round_train_loss": entry["train_loss"],
+            "bytes_up": entry["bytes_up"],
+            "bytes_down": entry["bytes_down"],
+            "seeds_touched": entry["seeds_touched"],
+            "round_seconds": entry["seconds"],
+        }
+        if self.rounds_path is not None:
+            with self.rounds_path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        logger.info(
+            "round %d/%d  loss %.4f  bytes/client %.0f  seeds %d  %.1fs",
+            round_index + 1,
+            self.config.rounds,
+            entry["train_loss"],
+            entry["bytes_per_client"],
+            entry["seeds_touched"],
+            entry["seconds"],
+        )
+        self._round = None
+
+    def _sync_message(self, round_index: int, schedule: torch.Tensor | None) -> SyncMessage:
+        return SyncMessage.build(
+            server_round=round_index, accumulators=self.server.accumulators, encoding="full", seed_schedule=schedule
+        )
+
+    def _rewrite_rounds_file(self, keep_below: int) -> None:
+        """Keep the records of rounds before the resumed one (a killed run may have logged later rounds)."""
+        kept = []
+        if self.rounds_path.exists():
+            for line in self.rounds_path.read_text().splitlines():
+                if line.strip() and json.loads(line)["round"] < keep_below:
+                    kept.append(line)
+        self.rounds_path.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ state (saved inside the optimizer's)
+    def state_dict(self) -> dict:
+        return {
+            "config": json.dumps(asdict(self.config), default=str),
+            "server": self.server.state_dict(),
+            "client": self.client.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = json.loads(state["config"])
+        current = json.loads(json.dumps(asdict(self.config), default=str))
+        changed = sorted(key for key in current if key != "rounds" and saved.get(key) != current[key])
+        if changed:
+            raise ValueError(
+                f"The checkpoint was trained with another federated setting ({', '.join(changed)} differ); resume "
+                "with the same FederatedConfig (only `rounds` may grow)."
+            )
+        self.server.load_state_dict(state["server"])
+        self.client.load_state_dict(state["client"])
+        self.optimizer.accumulators = self.client.synced.clone()
