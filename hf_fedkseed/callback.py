@@ -173,6 +173,9 @@ class FederatedCallback(TrainerCallback):
                 kwargs.update(column=config.partition_column, held_out=config.held_out)
             partition = partition_dataset(train_dataset, config.partition, **kwargs)
         self.partition = partition
+        self.clients_per_round = KSeedServer.resolve_clients_per_round(
+            partition.num_clients, config.clients_per_round, config.client_fraction
+        )
         self.server: KSeedServer | None = None  # built when the Trainer hands over the optimizer (K, seed)
         self.train_dataset = FederatedTrainDataset(self)
         self.columns: list[str] | None = None
@@ -188,11 +191,8 @@ class FederatedCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ schedule
     @property
-    def clients_per_round(self) -> int:
-        return self.server.clients_per_round
-
-    @property
     def total_steps(self) -> int:
+        """The Trainer steps the run takes: `rounds * clients_per_round * local_steps` (set `max_steps` to it)."""
         return self.config.rounds * self.clients_per_round * self.config.local_steps
 
     def selected_clients(self, round_index: int) -> list[int]:
@@ -225,8 +225,7 @@ class FederatedCallback(TrainerCallback):
             self.partition.num_clients,
             num_seeds=optimizer.num_seeds,
             seed=optimizer.seed,
-            clients_per_round=self.config.clients_per_round,
-            client_fraction=self.config.client_fraction,
+            clients_per_round=self.clients_per_round,
             aggregation=self.config.aggregation,
             pro=self.config.pro,
             pro_clip=self.config.pro_clip,

@@ -187,22 +187,7 @@ class KSeedServer:
             raise ValueError(f"Invalid `num_seeds`: {num_seeds!r}; K must be an integer >= 1.")
         if not _is_int(seed):
             raise ValueError(f"Invalid `seed`: {seed!r}; it must be an integer.")
-        if (clients_per_round is None) == (client_fraction is None):
-            raise ValueError(
-                "Pass exactly one of `clients_per_round` (a count) or `client_fraction` (a share of `num_clients`); "
-                f"got clients_per_round={clients_per_round!r}, client_fraction={client_fraction!r}."
-            )
-        if clients_per_round is not None:
-            if not _is_int(clients_per_round) or not 1 <= clients_per_round <= num_clients:
-                raise ValueError(
-                    f"Invalid `clients_per_round`: {clients_per_round!r}; it must be an integer in "
-                    f"[1, num_clients={num_clients}]."
-                )
-            per_round = int(clients_per_round)
-        else:
-            if not _is_real(client_fraction) or not 0.0 < client_fraction <= 1.0:
-                raise ValueError(f"Invalid `client_fraction`: {client_fraction!r}; it must be a number in (0, 1].")
-            per_round = max(1, math.floor(float(client_fraction) * num_clients + 0.5))
+        per_round = self.resolve_clients_per_round(num_clients, clients_per_round, client_fraction)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"Invalid `aggregation`: {aggregation!r}; choose one of {AGGREGATIONS}.")
         if not isinstance(pro, bool):
@@ -231,6 +216,33 @@ class KSeedServer:
         self.pro_count = torch.zeros(num_seeds, dtype=torch.int64)
         self.pro_abs_sum = torch.zeros(num_seeds, dtype=torch.float64)
         self.last_round = -1  # the last aggregated round; rounds must increase
+
+    @staticmethod
+    def resolve_clients_per_round(
+        num_clients: int, clients_per_round: int | None, client_fraction: float | None
+    ) -> int:
+        """How many clients a round selects: the count, or `max(1, round-half-up(fraction * num_clients))`.
+
+        Raises:
+            ValueError: unless exactly one of the two is given and it is in range.
+        """
+        if (clients_per_round is None) == (client_fraction is None):
+            raise ValueError(
+                "Pass exactly one of `clients_per_round` (a count) or `client_fraction` (a share of `num_clients`); "
+                f"got clients_per_round={clients_per_round!r}, client_fraction={client_fraction!r}."
+            )
+        if clients_per_round is not None:
+            if not _is_int(clients_per_round) or not 1 <= clients_per_round <= num_clients:
+                raise ValueError(
+                    f"Invalid `clients_per_round`: {clients_per_round!r}; it must be an integer in "
+                    f"[1, num_clients={num_clients}]."
+                )
+            per_round = int(clients_per_round)
+        else:
+            if not _is_real(client_fraction) or not 0.0 < client_fraction <= 1.0:
+                raise ValueError(f"Invalid `client_fraction`: {client_fraction!r}; it must be a number in (0, 1].")
+            per_round = max(1, math.floor(float(client_fraction) * num_clients + 0.5))
+        return per_round
 
     # ------------------------------------------------------------------ selection
     @property
