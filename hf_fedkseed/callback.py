@@ -130,9 +130,9 @@ class FederatedCallback(TrainerCallback):
     round to the Trainer log and `OUTPUT/rounds.jsonl`. One model object serves every client: each client's local
     drift is undone before the next one (`FederatedConfig.undo`), so memory stays that of inference plus O(K).
 
-    Checkpoints land on round boundaries (a save the Trainer asks for mid-round is taken at the round's end) and
-    carry the server, client and sampler state inside the optimizer's state, so `resume_from_checkpoint` continues
-    exactly.
+    Checkpoints and evaluations land on round boundaries (one the Trainer asks for mid-round is taken at the round's
+    end, on the aggregated model). Checkpoints carry the server, client and sampler state inside the optimizer's
+    state, so `resume_from_checkpoint` continues exactly.
 
     Args:
         config: the federated setting.
@@ -186,7 +186,7 @@ class FederatedCallback(TrainerCallback):
         self.history: list[dict] = []
         self._round: dict | None = None
         self._client_index: int | None = None
-        self._save_requested = False
+        self._deferred: set[str] = set()  # control flags raised mid-round, honoured at the round's end
         self._pending_log: dict | None = None
 
     # ------------------------------------------------------------------ schedule
@@ -296,15 +296,17 @@ class FederatedCallback(TrainerCallback):
             if slot == self.clients_per_round - 1:
                 self._end_round(round_index)
                 control.should_log = True
-                if self._save_requested or control.should_save:
-                    control.should_save = args.save_strategy != "no"
-                    self._save_requested = False
+                # Saves and evaluations asked for during the round happen now, on the aggregated model.
+                for flag in self._deferred:
+                    setattr(control, flag, True)
+                self._deferred.clear()
                 if round_index == self.config.rounds - 1:
                     control.should_training_stop = True
                 return
-        if control.should_save:  # mid-round: the client's drift is in the weights; save at the round's end instead
-            self._save_requested = True
-            control.should_save = False
+        for flag in ("should_save", "should_evaluate"):  # mid-round the weights hold a client's local drift
+            if getattr(control, flag):
+                self._deferred.add(flag)
+                setattr(control, flag, False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending_log is not None and logs is not None:

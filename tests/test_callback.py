@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_fedkseed import FederatedCallback, FederatedConfig, KSeedZOOptimizer
 from hf_fedkseed.federated import KSeedClient
@@ -207,3 +207,24 @@ def test_refusals_name_the_fix(tmp_path):
         FederatedConfig(rounds=1, clients_per_round=2)
     with pytest.raises(ValueError, match="Invalid `rounds`"):
         FederatedConfig(rounds=0, clients_per_round=2, num_clients=4)
+
+
+def test_evaluation_asked_mid_round_runs_on_the_aggregated_model(tmp_path):
+    evaluated_at: list[int] = []
+
+    class Recorder(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            evaluated_at.append(state.global_step)
+
+    model = tiny_llama()
+    federated = FederatedCallback(config(rounds=2), task_dataset())
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, federated.total_steps, eval_strategy="steps", eval_steps=3),
+        train_dataset=federated.train_dataset,
+        eval_dataset=task_dataset(rows_per_task=1).remove_columns("task"),
+        optimizers=(KSeedZOOptimizer(model, lr=2e-3, num_seeds=32, seed=7), None),
+        callbacks=[federated, Recorder()],
+    )
+    trainer.train()
+    assert evaluated_at == [8, 16]  # asked at steps 3, 6, 9, 12, 15; run at the ends of rounds 0 and 1
