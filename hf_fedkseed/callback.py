@@ -67,7 +67,7 @@ class FederatedConfig:
         default=None, metadata={"help": "Reject client updates holding a |lr*g| above this bound."}
     )
     undo: str = field(default="snapshot", metadata={"help": f"How local drift is undone: one of {UNDO_MODES}."})
-    seed: int = field(default=0, metadata={"help": "Seeds the partition, client selection and client data order."})
+    partition_seed: int = field(default=0, metadata={"help": "Seeds the partition and each client's data order."})
 
     def __post_init__(self):
         def positive_int(name: str, value) -> None:
@@ -114,7 +114,7 @@ class FederatedTrainDataset(IterableDataset):
         for round_index in range(config.rounds):
             for client in callback.selected_clients(round_index):
                 rows = callback.partition.clients[client]
-                generator = torch.Generator().manual_seed(_mix(_DATA_SALT, config.seed, round_index, client))
+                generator = torch.Generator().manual_seed(_mix(_DATA_SALT, config.partition_seed, round_index, client))
                 order = torch.randperm(len(rows), generator=generator).tolist()
                 for position in range(config.local_steps * per_step):
                     yield callback.row(rows[order[position % len(rows)]])
@@ -156,13 +156,13 @@ class FederatedCallback(TrainerCallback):
         if partition is None:
             kwargs: dict[str, Any] = {}
             if config.partition == "iid":
-                kwargs = dict(num_clients=config.num_clients, seed=config.seed)
+                kwargs = dict(num_clients=config.num_clients, seed=config.partition_seed)
             elif config.partition == "dirichlet":
                 kwargs = dict(
                     num_clients=config.num_clients,
                     column=config.partition_column,
                     alpha=config.dirichlet_alpha,
-                    seed=config.seed,
+                    seed=config.partition_seed,
                     min_client_size=config.min_client_size,
                 )
             else:

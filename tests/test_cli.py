@@ -29,3 +29,11 @@ def test_unknown_command_is_a_usage_error():
     assert result.returncode == 2
     assert "invalid choice: 'fly'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_public_name_resolves():
+    import hf_fedkseed
+
+    assert sorted(hf_fedkseed.__all__) == sorted(hf_fedkseed._EXPORTS)
+    for name in hf_fedkseed.__all__:
+        assert getattr(hf_fedkseed, name) is not None
