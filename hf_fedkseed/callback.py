@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import IterableDataset
@@ -51,22 +51,28 @@ class FederatedConfig:
     client_fraction: float | None = field(
         default=None, metadata={"help": "Fraction of clients selected per round (the paper: 0.05)."}
     )
-    partition: str = field(default="iid", metadata={"help": f"How to shard the data: one of {STRATEGIES}."})
+    partition: Literal["iid", "dirichlet", "natural"] = field(
+        default="iid", metadata={"help": f"How to shard the data: one of {STRATEGIES}."}
+    )
     partition_column: str | None = field(
         default=None, metadata={"help": "Column for dirichlet (label) or natural (client id) partitions."}
     )
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (the paper: 0.5)."})
     min_client_size: int = field(default=1, metadata={"help": "Smallest number of rows a client may hold."})
-    held_out: list[Any] | None = field(
+    held_out: list[str] | None = field(
         default=None, metadata={"help": "Values of `partition_column` kept out of training (evaluation)."}
     )
     pro: bool = field(default=False, metadata={"help": "FedKSeed-Pro: sample seeds by their importance."})
     pro_clip: float = field(default=DEFAULT_PRO_CLIP, metadata={"help": "Clip of |g| in Pro importance."})
-    aggregation: str = field(default="samples", metadata={"help": f"Client weights: one of {AGGREGATIONS}."})
+    aggregation: Literal["samples", "equal"] = field(
+        default="samples", metadata={"help": f"Client weights: one of {AGGREGATIONS}."}
+    )
     max_abs_scalar: float | None = field(
         default=None, metadata={"help": "Reject client updates holding a |lr*g| above this bound."}
     )
-    undo: str = field(default="snapshot", metadata={"help": f"How local drift is undone: one of {UNDO_MODES}."})
+    undo: Literal["snapshot", "replay"] = field(
+        default="snapshot", metadata={"help": f"How local drift is undone: one of {UNDO_MODES}."}
+    )
     partition_seed: int = field(default=0, metadata={"help": "Seeds the partition and each client's data order."})
 
     def __post_init__(self):

@@ -1,19 +1,23 @@
-"""The `hf-fedkseed` command line: version and environment report (training subcommands arrive with recipes)."""
+"""The `hf-fedkseed` command line: `train RECIPE.yaml`, `eval MODEL_DIR`, `env`; heavy imports happen per command."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import platform
 import sys
 
+USAGE_ERROR = 2  # argparse's and the shell's convention for a wrong command line
+
 
 def _env() -> int:
-    """Print the versions a bug report needs; heavy imports happen only here."""
+    """Print the versions a bug report needs."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import DEFAULT_ENGINE, __version__
+    from . import __version__
 
-    print(f"hf-fedkseed {__version__} (default perturbation engine: {DEFAULT_ENGINE})")
+    print(f"hf-fedkseed {__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
     for package in ("torch", "transformers", "accelerate", "datasets", "evaluate", "peft", "flwr", "bitsandbytes"):
         try:
@@ -26,6 +30,68 @@ def _env() -> int:
     return 0
 
 
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("hf_fedkseed").setLevel(logging.INFO)
+
+
+def _train(recipe: str | None, overrides: list[str]) -> int:
+    from .configs import RecipeError, parse_recipe
+
+    if recipe in ("-h", "--help") or "-h" in overrides or "--help" in overrides:
+        from transformers import HfArgumentParser
+
+        from .configs import recipe_dataclasses
+
+        HfArgumentParser(recipe_dataclasses(), prog="hf-fedkseed train RECIPE.yaml").print_help()
+        return 0
+    try:
+        model_args, data_args, zo_args, federated_config, training_args = parse_recipe(recipe, overrides)
+    except RecipeError as error:
+        print(f"hf-fedkseed train: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    _setup_logging()
+    from .pipeline import run_training
+
+    results = run_training(model_args, data_args, zo_args, federated_config, training_args)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not Path(args.model_dir).is_dir():
+        print(f"hf-fedkseed eval: error: model directory {args.model_dir!r} not found", file=sys.stderr)
+        return USAGE_ERROR
+    _setup_logging()
+    from transformers import AutoModelForCausalLM
+
+    from .configs import ModelArguments
+    from .data import load_instruction_dataset, tokenize_for_generation
+    from .evaluation import evaluate_rouge_l
+    from .pipeline import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model_dir, tokenizer_name=args.tokenizer_name))
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    data = load_instruction_dataset(
+        args.dataset_name,
+        args.dataset_format,
+        held_out_categories=args.held_out_categories,
+        seed=args.seed,
+    )
+    test = data["test"]
+    if args.max_eval_samples is not None and len(test) > args.max_eval_samples:
+        test = test.shuffle(seed=args.seed).select(range(args.max_eval_samples))
+    rows = tokenize_for_generation(test, tokenizer, args.max_length)
+    result = evaluate_rouge_l(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-fedkseed",
@@ -33,22 +99,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the package version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train",
+        help="run a YAML recipe: federated FedKSeed rounds, Rouge-L before and after, outputs",
+        description="Run a recipe. Any recipe field can be overridden as `--field value` after the recipe path; "
+        "`hf-fedkseed train --help` lists every field.",
+        add_help=False,
+    )
+    train.add_argument("recipe", nargs="?", help="path of the YAML recipe, e.g. recipes/quickstart.yaml")
+    evaluate = commands.add_parser("eval", help="Rouge-L of a saved model on the held-out split of a dataset")
+    evaluate.add_argument("model_dir", help="directory written by `hf-fedkseed train` (or any causal LM)")
+    evaluate.add_argument("--dataset_name", required=True, help="Hub id or local path of the instruction data")
+    evaluate.add_argument(
+        "--dataset_format", required=True, choices=("alpaca", "natural_instructions", "dolly"), help="column layout"
+    )
+    evaluate.add_argument("--held_out_categories", nargs="+", default=None, help="Dolly categories to evaluate on")
+    evaluate.add_argument("--tokenizer_name", default=None, help="`byt5` or a tokenizer id (default: the model's)")
+    evaluate.add_argument("--max_eval_samples", type=int, default=None, help="evaluate at most this many rows")
+    evaluate.add_argument("--max_new_tokens", type=int, default=128, help="greedy generation length")
+    evaluate.add_argument("--max_length", type=int, default=1024, help="prompt tokens kept (left-truncated)")
+    evaluate.add_argument("--batch_size", type=int, default=8, help="generation batch size")
+    evaluate.add_argument("--seed", type=int, default=42, help="seeds the choice of evaluated rows")
+    evaluate.add_argument("--output", default=None, help="also write the JSON result to this file")
     commands.add_parser("env", help="print the versions of hf-fedkseed and its dependencies")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.version:
         from . import __version__
 
         print(__version__)
         return 0
+    if args.command == "train":
+        return _train(args.recipe, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "env":
         return _env()
     parser.print_help()
-    return 2
+    return USAGE_ERROR
 
 
 if __name__ == "__main__":

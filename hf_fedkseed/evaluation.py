@@ -78,6 +78,11 @@ class RougeL:
     does the same. (`evaluate.load("rouge")` needs the Hub, and by default reports a bootstrap median of means rather
     than the plain mean; with `use_aggregator=False` its per-sample `rougeL` scores equal ours.)
 
+    The scores follow Google's `rouge-score` (`RougeScorer(["rougeL"], use_stemmer=False)`), not the `rouge` package
+    (pltrdy) that FedKSeed's own code calls: that one is case-sensitive, keeps punctuation inside tokens, splits
+    sentences on "." for a union LCS, and counts distinct words, so it gives 0.8 where we give 5/6 on the example of
+    `rouge_l`, and our numbers are not digit-for-digit comparable with the paper's tables.
+
     Example:
         >>> RougeL().compute(predictions=["a b c", "x"], references=["a b c", "y"])
         {'rougeL': 0.5}
@@ -206,10 +211,31 @@ def generate_predictions(
         pad_id = eos_ids[0]
     if pad_id is None:
         raise ValueError("Neither the tokenizer nor the model has a pad or EOS token: set `tokenizer.pad_token`.")
-    device = torch.device(device) if device is not None else _model_device(model)
+    continuations = _greedy_continuations(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=torch.device(device) if device is not None else _model_device(model),
+        pad_id=pad_id,
+        eos_ids=eos_ids,
+    )
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in continuations]
 
+
+def _greedy_continuations(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    eos_ids: list[int],
+) -> list[list[int]]:
+    """The new token ids greedy generation appends to each prompt, cut before the first EOS, in prompt order."""
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))  # stable: ties keep their order
-    predictions: list[str | None] = [None] * len(prompts)
+    continuations: list[list[int]] = [[] for _ in prompts]
     stop = set(eos_ids)
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
@@ -236,8 +262,8 @@ def generate_predictions(
                 new_tokens = sequences[row, width:].tolist()
                 # Finished rows are padded to the batch's longest continuation: keep what precedes the first EOS.
                 end = next((position for position, token in enumerate(new_tokens) if token in stop), len(new_tokens))
-                predictions[index] = tokenizer.decode(new_tokens[:end], skip_special_tokens=True).strip()
-    return predictions  # type: ignore[return-value]  # every slot is filled above
+                continuations[index] = new_tokens[:end]
+    return continuations
 
 
 def _column(dataset: Any, name: str) -> list[Any]:
@@ -278,6 +304,7 @@ def evaluate_rouge_l(
         (`per_category` is empty without a `category` column), plus `"predictions"` when asked.
 
     Raises:
+        TypeError: If `dataset` is neither a `datasets.Dataset` nor a mapping of columns.
         ValueError: If a required column is missing, `max_samples` is not positive, or there are no rows to score.
 
     Example:
@@ -307,9 +334,8 @@ def evaluate_rouge_l(
         by_category: dict[Any, list[float]] = {}
         for category, score in zip(categories, scores, strict=True):
             by_category.setdefault(category, []).append(score)
-        result["per_category"] = {
-            category: math.fsum(values) / len(values) for category, values in sorted(by_category.items(), key=lambda item: str(item[0]))
-        }
+        ordered = sorted(by_category.items(), key=lambda item: str(item[0]))
+        result["per_category"] = {category: math.fsum(values) / len(values) for category, values in ordered}
     if return_predictions:
         result["predictions"] = predictions
     return result

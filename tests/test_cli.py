@@ -1,12 +1,33 @@
-"""The `hf-fedkseed` console script: version, environment report, usage errors."""
+"""The `hf-fedkseed` console script: usage errors (exit 2, one message), fast help, env, the quickstart end to end."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from hf_fedkseed import __version__
 from hf_fedkseed.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = """\
+model_name_or_path: some/model
+dataset_name: some/data
+dataset_format: dolly
+rounds: 2
+clients_per_round: 1
+num_clients: 4
+report_to: none
+"""
+
+
+def write_recipe(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
 
 
 def test_version_and_env(capsys):
@@ -22,7 +43,50 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert "usage: hf-fedkseed" in capsys.readouterr().out
 
 
-def test_unknown_command_is_a_usage_error():
+def test_help_is_fast_because_nothing_heavy_is_imported():
+    code = (
+        "import sys; from hf_fedkseed.cli import build_parser; build_parser().format_help(); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("extra_yaml", "flags", "message"),
+    [
+        ("learnig_rate: 0.1\n", [], "unknown key(s) in {recipe}: `learnig_rate` (did you mean `learning_rate`?)"),
+        ("", ["--learning_rate", "fast"], "argument --learning_rate/--learning-rate: invalid float value: 'fast'"),
+        ("rounds: many\n", [], "argument --rounds: invalid int value: 'many'"),
+        (
+            "partition: random\n",
+            [],
+            "argument --partition: invalid choice: 'random' (choose from 'iid', 'dirichlet', 'natural')",
+        ),
+        ("", ["--bogus", "1"], "unknown option(s): --bogus; see `hf-fedkseed train --help`"),
+        ("client_fraction: 0.5\n", [], "Set exactly one of `clients_per_round` and `client_fraction`."),
+    ],
+)
+def test_train_usage_errors_exit_2_with_one_message(tmp_path, capsys, extra_yaml, flags, message):
+    recipe = write_recipe(tmp_path, MINIMAL + extra_yaml)
+    assert main(["train", recipe, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-fedkseed train: error: ")
+    assert message.format(recipe=recipe) in err
+    assert "Traceback" not in err
+
+
+def test_missing_recipe_and_missing_fields(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found; pass the path of a YAML file" in capsys.readouterr().err
+    assert main(["train", write_recipe(tmp_path, "rounds: 2\n")]) == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: --model_name_or_path" in err and "--dataset_format" in err
+    assert main(["train", write_recipe(tmp_path, "- a\n- b\n")]) == 2
+    assert "must be a mapping of field: value" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error_without_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "hf_fedkseed.cli", "fly"], capture_output=True, text=True, check=False
     )
@@ -37,3 +101,36 @@ def test_every_public_name_resolves():
     assert sorted(hf_fedkseed.__all__) == sorted(hf_fedkseed._EXPORTS)
     for name in hf_fedkseed.__all__:
         assert getattr(hf_fedkseed, name) is not None
+
+
+def test_quickstart_end_to_end_with_a_short_override(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository root, as in the README
+    output = tmp_path / "quickstart"
+    code = main(
+        [
+            "train",
+            "recipes/quickstart.yaml",
+            "--rounds",
+            "2",
+            "--local_steps",
+            "3",
+            "--max_eval_samples",
+            "4",
+            "--max_new_tokens",
+            "4",
+            "--output_dir",
+            str(output),
+        ]
+    )
+    assert code == 0
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["rounds"] == 2 and results["num_eval_samples"] == 4
+    assert 0.0 <= results["rougeL_before"] <= 1.0 and 0.0 <= results["rougeL_after"] <= 1.0
+    rounds = [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]
+    assert [entry["round"] for entry in rounds] == [0, 1]
+    assert results["bytes_per_client_per_round"] == pytest.approx(rounds[0]["bytes_per_client"])
+    for name in ("model.safetensors", "config.json", "training.png", "tokenizer_config.json"):
+        assert (output / name).is_file(), name
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(output)  # the saved model loads with transformers alone
