@@ -331,8 +331,11 @@ class FederatedCallback(TrainerCallback):
             "losses": [],
             "bytes_up": 0,
             "bytes_down": 0,
+            "aggregated": {},  # client id -> unnormalised weight, added to the client's running aggregate
             "start": time.perf_counter(),
         }
+        if self.config.undo == "snapshot":
+            self.client.reset_aggregate()
         if self.client.synced_round is None:  # the first round: everyone starts at w0
             self.client.catch_up(self._sync_message(round_index, schedule=None))
 
@@ -359,30 +362,31 @@ class FederatedCallback(TrainerCallback):
     def _end_client(self) -> None:
         record = self._round
         client_id = record["clients"][self._client_index]
+        weight = 0.0
         try:
+            num_samples = len(self.partition.clients[client_id])
             update = self.client.build_update(
-                server_round=record["round"],
-                client_id=client_id,
-                num_samples=len(self.partition.clients[client_id]),
-                pro=self.config.pro,
+                server_round=record["round"], client_id=client_id, num_samples=num_samples, pro=self.config.pro
             )
             payload = update.encode()
             record["bytes_up"] += len(payload)
             received = UpdateMessage.decode(payload)
-            record["updates"].append(
-                ClientUpdate(
-                    client_id=received.client_id,
-                    num_samples=received.num_samples,
-                    seed_indices=received.seed_indices,
-                    scalars=received.scalars,
-                    projected_grads=received.projected_grads,
-                )
+            client_update = ClientUpdate(
+                client_id=received.client_id,
+                num_samples=received.num_samples,
+                seed_indices=received.seed_indices,
+                scalars=received.scalars,
+                projected_grads=received.projected_grads,
             )
+            record["updates"].append(client_update)
+            if self.server.check_update(record["round"], client_update) is None:
+                weight = float(received.num_samples) if self.config.aggregation == "samples" else 1.0
+                record["aggregated"][client_id] = weight
         except Exception as error:  # a failing client is left out of this round; the round goes on
             record["failed"][client_id] = f"{type(error).__name__}: {error}"
             logger.warning("Round %d: client %d failed and is left out: %s", record["round"], client_id, error)
         finally:
-            self.client.end_local()
+            self.client.end_local(weight if self.config.undo == "snapshot" else 0.0)
             self.optimizer.sampler.set_schedule(None)
             self.optimizer.accumulators = self.client.synced.clone()
 
@@ -391,7 +395,14 @@ class FederatedCallback(TrainerCallback):
         result = self.server.aggregate(round_index, record["updates"])
         for client_id, reason in result.rejected.items():
             logger.warning("Round %d: update of client %d rejected: %s", round_index, client_id, reason)
-        self.client.catch_up(self._sync_message(round_index + 1, schedule=None))
+        sync = self._sync_message(round_index + 1, schedule=None)
+        aggregated = record["aggregated"]
+        if self.config.undo == "snapshot" and result.accepted and sorted(aggregated) == result.accepted:
+            # The weighted sum of the accepted clients' weight changes is the round's update: apply it in one pass
+            # instead of replaying every touched seed.
+            self.client.commit_aggregate(sync, scale=1.0 / sum(aggregated.values()))
+        else:
+            self.client.catch_up(sync)
         self.optimizer.accumulators = self.client.synced.clone()
         clients = len(record["clients"])
         entry = {

@@ -35,9 +35,11 @@ class KSeedClient:
         engine: the perturbation engine of the optimizer (it fixes every z).
         seed_pool: the K candidate seeds.
         undo: how local drift is undone. "snapshot" copies the trained weights once per client to host memory
-            (off the accelerator) and copies them back: exact, one copy of the weights in CPU RAM, negligible time.
-            "replay" adds back `lr_t g_t z_t` of every local step: no extra memory, one z pass per local step, and
-            exact only up to float rounding.
+            (off the accelerator) and copies them back: exact and fast. It also keeps a host-memory running sum of
+            the clients' weighted weight changes, so the round's aggregate is applied in one pass instead of one z
+            pass per touched seed (`commit_aggregate`): two copies of the weights in CPU RAM. "replay" adds back
+            `lr_t g_t z_t` of every local step and catches up by replaying the touched seeds: no extra memory, one
+            z pass per local step and per touched seed, exact only up to float rounding.
 
     Example:
         >>> client = KSeedClient(optimizer.named_params, engine=optimizer.engine, seed_pool=optimizer.seed_pool)
@@ -66,6 +68,7 @@ class KSeedClient:
         self.synced_round: int | None = None
         self.steps: list[LocalStep] = []
         self._snapshot: list[torch.Tensor] | None = None
+        self._aggregate: list[torch.Tensor] | None = None  # sum_c weight_c * (w_c - w_r), snapshot mode only
         self._in_local = False
 
     @property
@@ -133,11 +136,21 @@ class KSeedClient:
         )
 
     @torch.no_grad()
-    def end_local(self) -> None:
-        """Undo the local steps: the weights are back at `w(synced)`."""
+    def end_local(self, weight: float = 0.0) -> None:
+        """Undo the local steps: the weights are back at `w(synced)`.
+
+        Args:
+            weight: in snapshot mode, add `weight * (w_local - w(synced))` to the round's running aggregate first
+                (the client's aggregation weight, unnormalised; 0 leaves it out).
+        """
         if not self._in_local:
             return
         if self.undo == "snapshot":
+            if weight:
+                if self._aggregate is None:
+                    self.reset_aggregate()
+                for total, buffer, (_, param) in zip(self._aggregate, self._snapshot, self.named_params, strict=True):
+                    total.add_(param.detach().to("cpu", copy=True).sub_(buffer), alpha=weight)
             for buffer, (_, param) in zip(self._snapshot, self.named_params, strict=True):
                 param.copy_(buffer)
         else:
@@ -148,6 +161,31 @@ class KSeedClient:
             )
         self.steps = []
         self._in_local = False
+
+    def reset_aggregate(self) -> None:
+        """Start a round's running aggregate at zero (snapshot mode)."""
+        if self.undo != "snapshot":
+            raise RuntimeError("The running aggregate exists in snapshot mode only; use catch_up() with replay.")
+        if self._aggregate is None:
+            self._aggregate = [torch.zeros_like(p, device="cpu") for _, p in self.named_params]
+        else:
+            for total in self._aggregate:
+                total.zero_()
+
+    @torch.no_grad()
+    def commit_aggregate(self, sync: SyncMessage, scale: float) -> None:
+        """Move the weights to `w(synced) + scale * aggregate` and adopt `sync`'s accumulators, in one pass.
+
+        The caller guarantees that the aggregate holds exactly the clients the server accepted, weighted as it
+        weighted them (`scale` normalises the weights); the result equals `catch_up(sync)` up to float rounding,
+        without generating a single z.
+        """
+        if self._in_local or self._aggregate is None or self._snapshot is None:
+            raise RuntimeError("commit_aggregate() needs a finished round in snapshot mode.")
+        for total, buffer, (_, param) in zip(self._aggregate, self._snapshot, self.named_params, strict=True):
+            param.copy_(buffer.add(total, alpha=scale))
+        self.synced = sync.apply_to(self.synced, client_round=self.synced_round)
+        self.synced_round = sync.server_round
 
     def state_dict(self) -> dict:
         """The synced accumulators and round (local training is never checkpointed: see FederatedCallback)."""

@@ -345,6 +345,11 @@ class KSeedServer:
             delta=SparseVector(indices, delta[indices]),
         )
 
+    def check_update(self, round: int, update: ClientUpdate) -> str | None:
+        """Why `aggregate` would reject this update on its own in `round`, or None if it would accept it."""
+        checked = self._check_update(update, round, set(self.select_clients(round)))
+        return checked if isinstance(checked, str) else None
+
     def _check_update(self, update: ClientUpdate, round: int, selected: set[int]) -> _CheckedUpdate | str:
         """The update in checked tensor form, or the reason it is rejected."""
         client_id = getattr(update, "client_id", None)
