@@ -91,7 +91,8 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
         label="up",
     )
     bytes_axis.set(xlabel="round", ylabel="bytes per client", title="Traffic per client and round")
-    bytes_axis.legend()
+    bytes_axis.set_ylim(0, 1.25 * max((entry["bytes_per_client"] for entry in rounds), default=1))
+    bytes_axis.legend(loc="upper center", ncols=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -134,3 +134,26 @@ def test_quickstart_end_to_end_with_a_short_override(tmp_path, monkeypatch, caps
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(output)  # the saved model loads with transformers alone
+
+    capsys.readouterr()
+    evaluated = output / "eval.json"
+    code = main(
+        [
+            "eval",
+            str(output),
+            "--dataset_name",
+            "hf_fedkseed/resources/quickstart",
+            "--dataset_format",
+            "natural_instructions",
+            "--max_eval_samples",
+            "3",
+            "--max_new_tokens",
+            "4",
+            "--output",
+            str(evaluated),
+        ]
+    )
+    assert code == 0
+    report = json.loads(evaluated.read_text())
+    assert report["num_samples"] == 3 and 0.0 <= report["rougeL"] <= 1.0
+    assert main(["eval", str(tmp_path / "missing"), "--dataset_name", "x", "--dataset_format", "dolly"]) == 2
