@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_name
+
 # torch and transformers are imported lazily, inside the functions that need them: the parent spawns the memory
 # children before it loads anything big, because Linux carries the parent's peak RSS into a child's `ru_maxrss`
 # across fork/vfork + exec.
@@ -265,17 +267,6 @@ def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[str, list[dict[str, Any]]]) -> dict:
     import torch
     import transformers
