@@ -195,6 +195,25 @@ class FederatedCallback(TrainerCallback):
         self._deferred: set[str] = set()  # control flags raised mid-round, honoured at the round's end
         self._pending_log: dict | None = None
 
+    def move_before_reporters(self, trainer) -> None:
+        """Run this callback right after the Trainer's flow callback, before the `report_to` integrations.
+
+        The Trainer registers its reporting callbacks (wandb, tensorboard, ...) before user callbacks, so by default
+        they log a step before this callback adds the round's fields to it. Moving it up lets `report_to` see the
+        round records; it must stay after `DefaultFlowCallback`, whose save and evaluate requests it defers to
+        round boundaries.
+
+        Example:
+            >>> trainer = Trainer(..., callbacks=[federated])
+            >>> federated.move_before_reporters(trainer)
+        """
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        callbacks.remove(self)
+        position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+        callbacks.insert(position, self)
+
     # ------------------------------------------------------------------ schedule
     @property
     def total_steps(self) -> int:

@@ -172,6 +172,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         optimizers=(optimizer, None),
         callbacks=[federated],
     )
+    federated.move_before_reporters(trainer)  # so `report_to` integrations receive the round records
     train_started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_started

@@ -228,3 +228,27 @@ def test_evaluation_asked_mid_round_runs_on_the_aggregated_model(tmp_path):
     )
     trainer.train()
     assert evaluated_at == [8, 16]  # asked at steps 3, 6, 9, 12, 15; run at the ends of rounds 0 and 1
+
+
+def test_round_records_reach_callbacks_registered_before_it(tmp_path):
+    class Reporter(TrainerCallback):  # stands in for a `report_to` integration, registered first
+        def __init__(self):
+            self.rounds = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "round" in logs:
+                self.rounds.append(logs["round"])
+
+    model = tiny_llama()
+    federated = FederatedCallback(config(rounds=2), task_dataset())
+    reporter = Reporter()
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, federated.total_steps),
+        train_dataset=federated.train_dataset,
+        optimizers=(KSeedZOOptimizer(model, lr=2e-3, num_seeds=32, seed=7), None),
+        callbacks=[reporter, federated],
+    )
+    federated.move_before_reporters(trainer)
+    trainer.train()
+    assert reporter.rounds == [0, 1]
