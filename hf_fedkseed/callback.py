@@ -261,6 +261,11 @@ class FederatedCallback(TrainerCallback):
                 "The optimizer's seed pool is not the one its `seed` draws; FederatedCallback needs the pool that "
                 "`make_seed_pool(num_seeds, seed)` gives (do not pass `seed_pool=`)."
             )
+        if args.dataloader_num_workers > 0:
+            raise ValueError(
+                f"`dataloader_num_workers`={args.dataloader_num_workers}: the federated stream must be read in step "
+                "order (each worker would replay all of it); set `dataloader_num_workers=0`."
+            )
         if args.max_steps < self.total_steps:
             raise ValueError(
                 f"`max_steps`={args.max_steps} cannot hold {self.config.rounds} rounds x {self.clients_per_round} "

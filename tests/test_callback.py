@@ -180,6 +180,8 @@ def test_refusals_name_the_fix(tmp_path):
     message = r"`max_steps`=5 cannot hold 3 rounds x 2 clients x 4 local steps; set `max_steps=24`"
     with pytest.raises(ValueError, match=message):
         run(tmp_path, config(), max_steps=5)
+    with pytest.raises(ValueError, match="set `dataloader_num_workers=0`"):
+        run(tmp_path, config(), dataloader_num_workers=2)
     model = tiny_llama()
     federated = FederatedCallback(config(), task_dataset())
     with pytest.raises(ValueError, match="`weight_decay=0`"):
