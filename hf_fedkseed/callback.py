@@ -173,10 +173,8 @@ class FederatedCallback(TrainerCallback):
                 )
             else:
                 kwargs = dict(column=config.partition_column, min_client_size=config.min_client_size)
-            if config.held_out and config.partition != "iid":
-                kwargs["held_out"] = config.held_out
-            elif config.held_out:
-                kwargs.update(column=config.partition_column, held_out=config.held_out)
+            if config.held_out:
+                kwargs.update(held_out=config.held_out, column=config.partition_column)
             partition = partition_dataset(train_dataset, config.partition, **kwargs)
         self.partition = partition
         self.clients_per_round = KSeedServer.resolve_clients_per_round(
@@ -404,7 +402,7 @@ class FederatedCallback(TrainerCallback):
             )
             record["updates"].append(client_update)
             if self.server.check_update(record["round"], client_update) is None:
-                weight = float(received.num_samples) if self.config.aggregation == "samples" else 1.0
+                weight = self.server.client_weight(received.num_samples)
                 record["aggregated"][client_id] = weight
         except Exception as error:  # a failing client is left out of this round; the round goes on
             record["failed"][client_id] = f"{type(error).__name__}: {error}"

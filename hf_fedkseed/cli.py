@@ -70,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .configs import ModelArguments
     from .data import load_instruction_dataset, tokenize_for_generation
     from .evaluation import evaluate_rouge_l
-    from .pipeline import load_tokenizer
+    from .pipeline import cap_rows, load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model_dir, tokenizer_name=args.tokenizer_name))
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
@@ -80,9 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
         held_out_categories=args.held_out_categories,
         seed=args.seed,
     )
-    test = data["test"]
-    if args.max_eval_samples is not None and len(test) > args.max_eval_samples:
-        test = test.shuffle(seed=args.seed).select(range(args.max_eval_samples))
+    test = cap_rows(data["test"], args.max_eval_samples, args.seed)
     rows = tokenize_for_generation(test, tokenizer, args.max_length)
     result = evaluate_rouge_l(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     text = json.dumps(result, indent=2)

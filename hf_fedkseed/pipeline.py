@@ -14,6 +14,13 @@ logger = logging.getLogger(__name__)
 RESOURCES = Path(__file__).resolve().parent / "resources"
 
 
+def cap_rows(dataset, limit: int | None, seed: int):
+    """At most `limit` rows of `dataset`, a seeded random choice when it has more (all rows for None)."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
+
 def load_tokenizer(model_args):
     """The tokenizer: `byt5` is the file-free byte-level one; anything else loads with AutoTokenizer."""
     from transformers import AutoTokenizer, ByT5Tokenizer
@@ -128,9 +135,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         seed=training_args.seed,
     )
     train_rows = tokenize_for_training(data["train"], tokenizer, data_args.max_length)
-    test = data["test"]
-    if data_args.max_eval_samples is not None and len(test) > data_args.max_eval_samples:
-        test = test.shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
+    test = cap_rows(data["test"], data_args.max_eval_samples, training_args.seed)
     eval_rows = tokenize_for_generation(test, tokenizer, data_args.max_length)
     loss_rows = tokenize_for_training(test, tokenizer, data_args.max_length)
     collator = training_collator(tokenizer)

@@ -309,11 +309,9 @@ class KSeedServer:
                 valid.append(checked)
         valid.sort(key=lambda checked: checked.client_id)
 
-        if self.aggregation == "samples":
-            total = sum(checked.num_samples for checked in valid)
-            weights = {checked.client_id: checked.num_samples / total for checked in valid}
-        else:
-            weights = {checked.client_id: 1.0 / len(valid) for checked in valid}
+        raw = {checked.client_id: self.client_weight(checked.num_samples) for checked in valid}
+        total = sum(raw.values())
+        weights = {client_id: weight / total for client_id, weight in raw.items()}
 
         num_seeds = self.num_seeds
         delta = torch.zeros(num_seeds, dtype=torch.float64)
@@ -344,6 +342,10 @@ class KSeedServer:
             seeds_touched=indices.numel(),
             delta=SparseVector(indices, delta[indices]),
         )
+
+    def client_weight(self, num_samples: int) -> float:
+        """A client's aggregation weight before normalisation: its sample count ("samples") or 1 ("equal")."""
+        return float(num_samples) if self.aggregation == "samples" else 1.0
 
     def check_update(self, round: int, update: ClientUpdate) -> str | None:
         """Why `aggregate` would reject this update on its own in `round`, or None if it would accept it."""
