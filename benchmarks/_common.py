@@ -15,3 +15,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def seeded_llama(seed: int, **config):
+    """A float32 Llama built from `LlamaConfig(**config)` with weights seeded by `seed`, the global RNG untouched.
+
+    torch and transformers are imported here, not at module level: zo_step.py spawns its memory children before
+    it imports torch.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # transformers initialises weights from the global RNG
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)

@@ -20,9 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import transformers
-from _common import cpu_name
+from _common import cpu_name, seeded_llama
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from hf_fedkseed import FederatedCallback, FederatedConfig, KSeedZOOptimizer
@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- model and data
 def build_model(seq_len: int) -> LlamaForCausalLM:
     """A ~16.8M-parameter float32 Llama (untied embeddings), initialised from its own seed."""
-    config = LlamaConfig(
+    return seeded_llama(
+        MODEL_INIT_SEED,
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -84,10 +85,6 @@ def build_model(seq_len: int) -> LlamaForCausalLM:
         max_position_embeddings=max(2048, seq_len),
         tie_word_embeddings=False,
     )
-    # fork_rng: a reproducible init without touching the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(MODEL_INIT_SEED)
-        return LlamaForCausalLM(config).to(torch.float32)
 
 
 def build_dataset(seq_len: int) -> Dataset:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name
+from _common import cpu_name, seeded_llama
 
 # torch and transformers are imported lazily, inside the functions that need them: the parent spawns the memory
 # children before it loads anything big, because Linux carries the parent's peak RSS into a child's `ru_maxrss`
@@ -68,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model_and_batch(seq_len: int, device: str, threads: int) -> tuple[Any, dict[str, Any]]:
     """The ~58M-parameter float32 Llama and one fixed random batch (input_ids == labels), nothing downloaded."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(threads)
-    config = LlamaConfig(
+    model = seeded_llama(
+        MODEL_INIT_SEED,
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -80,12 +80,7 @@ def build_model_and_batch(seq_len: int, device: str, threads: int) -> tuple[Any,
         num_key_value_heads=HEADS,
         max_position_embeddings=max(2048, seq_len),
     )
-    # transformers initialises weights from the global RNG; seed it for a reproducible model, inside fork_rng so
-    # the caller's global RNG state is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(MODEL_INIT_SEED)
-        model = LlamaForCausalLM(config)
-    model = model.to(device=device, dtype=torch.float32)
+    model = model.to(device=device)
     generator = torch.Generator().manual_seed(BATCH_SEED)
     input_ids = torch.randint(VOCAB, (BATCH_SIZE, seq_len), generator=generator).to(device)
     return model, {"input_ids": input_ids, "labels": input_ids.clone()}
