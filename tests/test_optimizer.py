@@ -231,7 +231,7 @@ def test_usage_errors():
         by_name.train()
 
     other_engine = KSeedZOOptimizer(tiny_llama(), lr=1e-3, num_seeds=4, engine="torch-sequential")
-    with pytest.raises(ValueError, match="pass `engine='torch-chunked'`"):
+    with pytest.raises(ValueError, match="pass `engine='counter'`"):
         other_engine.load_state_dict(by_name.state_dict())
     with pytest.raises(ValueError, match="`num_seeds`=8"):
         KSeedZOOptimizer(tiny_llama(), lr=1e-3, num_seeds=8).load_state_dict(by_name.state_dict())

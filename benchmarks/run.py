@@ -1,0 +1,196 @@
+"""All performance figures in one run: ZO step, catch-up replay and z generation against the naive reference.
+
+Measured side by side in one process (so both sides see the same machine load), on the ~58M-parameter
+Llama-config model of `zo_step.py`:
+
+- `zo_step_ratio_vs_naive`: a KSeedZOOptimizer step through the stock Trainer's hooks over the official ZO step
+  (`hf_fedkseed.reference.ReferenceZO`: global seed, 4 regenerations, new tensors for every update);
+- `replay_ratio_vs_naive`: replaying 1024 (seed, coefficient) pairs, ours (`engine.replay_`: one pass per parameter
+  chunk, the loop over seeds inside the kernel) over the official client's catch-up (`manual_seed` and a full
+  `torch.normal` + update per seed). The cost per seed is the same for every seed and element, so both are timed
+  on a 2**22-element slice of the model's weights, and the naive side on fewer seeds, scaled linearly (reported);
+- `peak_memory_ratio_vs_inference`: peak RSS (CPU) or `max_memory_allocated` (CUDA) of a ZO training process
+  over an inference process, from `zo_step.py`'s fresh child processes;
+- `bytes_per_round_per_client`: encoded sync + update messages at K = 4096, tau = 200 (FedKSeed and Pro);
+- generator throughput in elements per second: ours (fused perturbation pass) and `torch.Tensor.normal_`.
+
+Usage: `python benchmarks/run.py [--quick] [--json PATH] [--device cuda]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import zo_step
+from _common import cpu_name
+
+REPLAY_ELEMENTS = 1 << 22
+THROUGHPUT_ELEMENTS = 1 << 24
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and seeds (a few minutes on 2 cores)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this path")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--replay-seeds", type=int, default=1024, help="seeds replayed (the target is stated at 1024)")
+    parser.add_argument("--engine", default=None, help="engine for replay and throughput (steps: default)")
+    args = parser.parse_args(argv)
+    if args.replay_seeds < 1 or args.threads < 1:
+        parser.error("--replay-seeds and --threads must be at least 1")
+    return args
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    zo_step.synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        zo_step.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def replay_and_throughput(args: argparse.Namespace) -> dict:
+    import torch
+
+    from hf_fedkseed.perturbation import get_engine
+    from hf_fedkseed.reference import ReferenceZO
+
+    torch.set_num_threads(args.threads)
+    model, _ = zo_step.build_model_and_batch(64, args.device, args.threads)
+    engine = get_engine(args.engine)
+    # A 2**22-element slice of the model: whole parameters, in order, until the budget is reached.
+    named, total = [], 0
+    for name, param in model.named_parameters():
+        if total + param.numel() > REPLAY_ELEMENTS and named:
+            break
+        named.append((name, param.detach()))
+        total += param.numel()
+    if total > REPLAY_ELEMENTS:  # the first parameter alone is larger: take a contiguous slice of it
+        named, total = [(named[0][0], named[0][1].view(-1)[:REPLAY_ELEMENTS])], REPLAY_ELEMENTS
+    generator = torch.Generator().manual_seed(7)
+    seeds = torch.randint(1, 100_000_000_000, (args.replay_seeds,), generator=generator).tolist()
+    coefficients = (torch.randn(args.replay_seeds, generator=generator, dtype=torch.float64) * 1e-7).tolist()
+
+    compile_started = time.perf_counter()
+    engine.replay_(named, seeds[:2], coefficients[:2])  # first call: compilation, if the engine compiles
+    engine.add_noise_(named, seeds[0], 0.0)
+    zo_step.synchronize(args.device)
+    first_call_seconds = time.perf_counter() - compile_started
+
+    repeats = 1 if args.quick else 3
+    ours = timed(lambda: engine.replay_(named, seeds, coefficients), repeats, args.device)
+
+    class _Slice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for index, (_, tensor) in enumerate(named):
+                self.register_parameter(f"p{index}", torch.nn.Parameter(tensor.clone(), requires_grad=True))
+
+    reference = ReferenceZO(_Slice(), lr=1.0, eps=1e-3)
+    naive_seeds = min(args.replay_seeds, 8 if args.quick else 32)
+    rng_devices = list(range(torch.cuda.device_count())) if args.device == "cuda" else []
+
+    def naive_replay() -> None:  # the official client's catch-up: one manual_seed + full regeneration per seed
+        with torch.random.fork_rng(devices=rng_devices):
+            for seed, coefficient in zip(seeds[:naive_seeds], coefficients[:naive_seeds], strict=True):
+                reference._update(seed, coefficient, 1.0)
+
+    naive_per_seed = timed(naive_replay, repeats, args.device) / naive_seeds
+    naive = naive_per_seed * args.replay_seeds
+
+    # Generator throughput: one fused perturbation pass (alpha 0 leaves w unchanged) vs normal_ into a buffer.
+    flat = torch.zeros(THROUGHPUT_ELEMENTS, device=args.device)
+    buffer = torch.empty(THROUGHPUT_ELEMENTS, device=args.device)
+    normal_generator = torch.Generator(device=args.device).manual_seed(0)
+    throughput_repeats = 3 if args.quick else 7
+    ours_pass = timed(lambda: engine.add_noise_([("w", flat)], 1, 0.0), throughput_repeats, args.device)
+    normal_pass = timed(lambda: buffer.normal_(generator=normal_generator), throughput_repeats, args.device)
+    return {
+        "replay_ratio_vs_naive": round(ours / naive, 4),
+        "replay_seeds": args.replay_seeds,
+        "replay_elements": total,
+        "replay_seconds_ours": round(ours, 4),
+        "replay_seconds_naive": round(naive, 4),
+        "replay_naive_seeds_timed": naive_seeds,
+        "replay_element_seeds_per_second_ours": round(total * args.replay_seeds / ours),
+        "replay_element_seeds_per_second_naive": round(total / naive_per_seed),
+        "generator_elements_per_second_ours": round(THROUGHPUT_ELEMENTS / ours_pass),
+        "generator_elements_per_second_torch_normal": round(THROUGHPUT_ELEMENTS / normal_pass),
+        "engine_first_call_seconds": round(first_call_seconds, 2),
+        "engine_compile_seconds": {k: round(v, 2) for k, v in getattr(engine, "compile_seconds", {}).items()},
+        "engine": f"{engine.name} v{engine.version}",
+    }
+
+
+def traffic() -> dict:
+    from hf_fedkseed.federated.protocol import message_bytes_report
+
+    plain = message_bytes_report(num_seeds=4096, num_steps=200)
+    pro = message_bytes_report(num_seeds=4096, num_steps=200, pro=True)
+    return {
+        "bytes_per_round_per_client": plain["total"],
+        "bytes_per_round_per_client_pro": pro["total"],
+        "bytes_breakdown": {"fedkseed": plain, "fedkseed_pro": pro},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    step_argv = ["--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    step_args = zo_step.parse_args(step_argv)
+    memory = zo_step.measure_memory(step_args)  # first, while this process is small (see zo_step.py)
+    step = zo_step.build_report(step_args, zo_step.run_timing(step_args), memory)
+    report = {
+        "zo_step_ratio_vs_naive": step["zo_step_ratio_vs_naive"],
+        "peak_memory_ratio_vs_inference": step["peak_memory_ratio_vs_inference"],
+        "peak_memory_ratio_eager_engine_vs_inference": step["peak_memory_ratio_eager_engine_vs_inference"],
+    }
+    report.update(replay_and_throughput(args))
+    report.update(traffic())
+    report["targets_met"] = {
+        "zo_step_ratio_vs_naive<=0.5": report["zo_step_ratio_vs_naive"] <= 0.5,
+        "replay_ratio_vs_naive<=0.15": report["replay_ratio_vs_naive"] <= 0.15,
+        "peak_memory_ratio_vs_inference<=1.05": report["peak_memory_ratio_vs_inference"] <= 1.05,
+        "bytes_per_round_per_client<=17984": report["bytes_per_round_per_client"] <= 17_984,
+    }
+    report["zo_step"] = step
+    report.update(
+        quick=args.quick,
+        device=args.device,
+        threads=args.threads,
+        cpu=cpu_name(),
+        cuda_device=step["cuda_device"],
+        wall_seconds=round(time.perf_counter() - started, 1),
+        # other processes on the same cores skew every figure; the load average makes such a run recognisable
+        load_average_1min_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    )
+    text = json.dumps(report, indent=2)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    summary = {key: report[key] for key in [*list(report)[:2], "replay_ratio_vs_naive", "bytes_per_round_per_client"]}
+    summary["generator_Melem_per_s_ours_vs_normal_"] = [
+        round(report["generator_elements_per_second_ours"] / 1e6, 1),
+        round(report["generator_elements_per_second_torch_normal"] / 1e6, 1),
+    ]
+    print(json.dumps({"summary": summary, "targets_met": report["targets_met"]}, indent=2), file=sys.stderr)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
