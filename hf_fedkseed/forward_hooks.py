@@ -65,6 +65,11 @@ def _replace_loss(output, loss: torch.Tensor):
 def _refuse_unsupported_setup() -> None:
     """Refuse training setups that cannot run ZO steps, before any weight changes.
 
+    Several processes (`accelerate launch --num_processes N`, DDP) are supported: every rank draws the same seed and
+    the optimizer all-reduces the two losses of a step, so no parameter ever travels. A DDP wrapper around the model
+    is harmless: the hooks sit on the inner module, and the loss's graph reaches no parameter, so DDP has no
+    gradient to reduce.
+
     Reads the accelerate state only if accelerate is already imported (the Trainer imports it), so this module
     stays free of Hugging Face imports.
     """
@@ -84,12 +89,6 @@ def _refuse_unsupported_setup() -> None:
             f"KSeedZOOptimizer does not support {distributed}: it shards or flattens the weights that ZO steps "
             "perturb in place. ZO training needs only inference memory: drop the DeepSpeed/FSDP config, and spread "
             'a model too large for one device with `device_map="auto"`.'
-        )
-    if int(getattr(state, "num_processes", 1)) > 1:
-        raise ValueError(
-            f"KSeedZOOptimizer runs in one process for now, found {state.num_processes}: each rank would step on its "
-            "own batch and the replicas would drift apart, since no gradient all-reduce happens. Launch a single "
-            "process (raise `per_device_train_batch_size` or `gradient_accumulation_steps` for a larger batch)."
         )
 
 

@@ -20,6 +20,27 @@ def default_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or "bias" in lowered or "norm" in lowered
 
 
+def _all_reduce_losses(loss_diff: float, loss: float, scaled: bool) -> tuple[float, float]:
+    """Combine a step's two loss scalars over the ranks of a multi-process run; the identity in one process.
+
+    Every rank evaluated the same seed on its share of the batch. A loss normalised by the whole batch's
+    `num_items_in_batch` (`scaled`, the Trainer's default across devices) is a share of the total: the ranks' values
+    are summed. A per-rank mean is averaged, as DDP averages gradients. Only these two float64 scalars travel; every
+    rank then applies the identical update.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss_diff, loss
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([loss_diff, loss], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    if not scaled:
+        values /= dist.get_world_size()
+    loss_diff, loss = values.tolist()
+    return loss_diff, loss
+
+
 @dataclass
 class _PendingStep:
     """The optimizer step being evaluated: its seed and the loss pairs of its micro-batches."""
@@ -276,7 +297,7 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         # With `num_items_in_batch` the Trainer's micro-batch losses are already fractions of the batch loss
         # (sum them); otherwise the Trainer averages them over the accumulation steps (mean them).
         reduce = sum if pending.scaled else (lambda values: sum(values) / len(values))
-        loss_diff, loss = reduce(pending.loss_diffs), reduce(pending.loss_means)
+        loss_diff, loss = _all_reduce_losses(reduce(pending.loss_diffs), reduce(pending.loss_means), pending.scaled)
         skipped = None
         if not math.isfinite(loss_diff):
             self.num_skipped_nonfinite += 1
