@@ -1,0 +1,386 @@
+"""FedAvgCallback: weight-averaging federated rounds (FedAvg, FedIT, FedZO) inside one stock `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..callback import FederatedConfig, FederatedTrainDataset, build_partition
+from ..federated.partition import Partition
+from ..federated.server import KSeedServer
+from .fedzo import SeedStepsMessage, encode_seed_history
+
+logger = logging.getLogger(__name__)
+
+PAYLOADS = ("weights", "seed_steps")
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors encoding of named tensors: what a FedAvg or FedIT server and client actually send.
+
+    Example:
+        >>> payload = encode_tensors({name: p.detach() for name, p in model.named_parameters()})
+        >>> len(payload)  # 8-byte header length + JSON header + raw float32 data
+    """
+    from safetensors.torch import save
+
+    return save({name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()})
+
+
+def decode_tensors(payload: bytes) -> dict[str, torch.Tensor]:
+    """The named tensors of an `encode_tensors` payload (safetensors: no pickle, nothing executed)."""
+    from safetensors.torch import load
+
+    return load(payload)
+
+
+class FedAvgCallback(TrainerCallback):
+    """Federated rounds that average client *weights*, emulated inside the stock `transformers.Trainer`.
+
+    The runtime of the baselines that FedKSeed is compared with. Each round the server selects clients with the
+    same seeded, stateless draw as `KSeedServer.select_clients` (so every method sees the same clients in the same
+    rounds) and broadcasts the trained tensors; each selected client loads them, runs `tau` local optimizer steps on
+    its shard (the Trainer's optimizer: AdamW for FedAvg and FedIT, a ZO optimizer for FedZO), with its optimizer
+    state reset first (as FedAvg and FedIT clients start each round afresh), and uploads its result; the server
+    averages the client weights, weighted by sample count ("samples") or equally ("equal").
+
+    One model object serves every client: the round's global tensors live on the host and are reloaded before each
+    client, and a host-memory running sum collects the weighted client changes (two host copies of the *trained*
+    tensors: the whole model for FedAvg and FedZO, only the LoRA adapters for FedIT).
+
+    The bytes are the lengths of the real encoded payloads, each sent through its encoder and decoder:
+
+    * `payload="weights"` (FedAvg, FedIT): down and up, the safetensors encoding of the trained tensors (every
+      weight for FedAvg, the adapters for FedIT).
+    * `payload="seed_steps"` (FedZO): down, the safetensors encoding of every weight (FedZO's server broadcasts the
+      model: with a fresh seed per step, a client could only rebuild it by replaying every step of every client
+      since round 0, whose size `bytes_down_seed_history` records per round); up, the client's (64-bit seed,
+      float32 `lr * g`) pair of every local step (`SeedStepsMessage`), 12 bytes a step, which rebuild the client's
+      weights from the broadcast model exactly (tests check it). The server here averages the client weights
+      directly, which equals replaying the pairs up to float rounding.
+
+    Args:
+        config: the federated setting (`method` is informational here; `pro` must be off).
+        train_dataset: the (tokenized) training rows of all clients.
+        payload: "weights" or "seed_steps" (see above).
+        trained: the `(name, parameter)` pairs that clients train and send; default the model's parameters with
+            `requires_grad=True` (taken when the Trainer starts).
+        partition: a precomputed `Partition` of `train_dataset`, instead of the one `config` describes.
+
+    Raises:
+        ValueError: for an unknown payload, `pro=True`, a partition that does not fit the data, and at the start of
+            training for a `max_steps` too small for the rounds or `dataloader_num_workers > 0`.
+
+    Example:
+        >>> federated = FedAvgCallback(FederatedConfig(rounds=10, local_steps=20, clients_per_round=3,
+        ...                                            partition="natural", partition_column="category",
+        ...                                            method="fedavg"), rows)
+        >>> args.max_steps = federated.total_steps
+        >>> trainer = Trainer(model=model, args=args, train_dataset=federated.train_dataset, callbacks=[federated])
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        config: FederatedConfig,
+        train_dataset,
+        *,
+        payload: str = "weights",
+        trained: list[tuple[str, torch.nn.Parameter]] | None = None,
+        partition: Partition | None = None,
+    ):
+        if payload not in PAYLOADS:
+            raise ValueError(f"Invalid `payload` {payload!r}; choose one of {PAYLOADS}.")
+        if config.pro:
+            raise ValueError("FedAvgCallback averages weights; run FedKSeed-Pro (`pro`) with FederatedCallback.")
+        self.config = config
+        self.dataset = train_dataset
+        self.payload = payload
+        self.partition = build_partition(config, train_dataset) if partition is None else partition
+        self.clients_per_round = KSeedServer.resolve_clients_per_round(
+            self.partition.num_clients, config.clients_per_round, config.client_fraction
+        )
+        self.train_dataset = FederatedTrainDataset(self)  # the very stream FedKSeed's clients read
+        self.trained = trained
+        self.selector: KSeedServer | None = None  # client selection only; built from `args.seed`
+        self.columns: list[str] | None = None
+        self.per_step: int | None = None
+        self.rounds_path: Path | None = None
+        self.history: list[dict] = []
+        self._model = None
+        self._optimizer = None
+        self._round: dict | None = None
+        self._loss_hook = None
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_count = 0
+        self._seed_history: list[tuple[int, float]] = []  # every (seed, lr*g) of every client so far (FedZO)
+        self._deferred: set[str] = set()
+        self._pending_log: dict | None = None
+
+    # ------------------------------------------------------------------ schedule (as FederatedCallback)
+    @property
+    def total_steps(self) -> int:
+        """The Trainer steps the run takes: `rounds * clients_per_round * local_steps` (set `max_steps` to it)."""
+        return self.config.rounds * self.clients_per_round * self.config.local_steps
+
+    def selected_clients(self, round_index: int) -> list[int]:
+        return self.selector.select_clients(round_index)
+
+    def where(self, global_step: int) -> tuple[int, int, int]:
+        """(round, slot among the round's clients, local step) of a Trainer optimizer step."""
+        steps_per_round = self.clients_per_round * self.config.local_steps
+        return (
+            global_step // steps_per_round,
+            (global_step % steps_per_round) // self.config.local_steps,
+            global_step % self.config.local_steps,
+        )
+
+    def row(self, index: int) -> dict:
+        item = self.dataset[index]
+        return item if self.columns is None else {k: v for k, v in item.items() if k in self.columns}
+
+    def move_before_reporters(self, trainer) -> None:
+        """Run right after the Trainer's flow callback, so `report_to` integrations see the round records."""
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        callbacks.remove(self)
+        position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+        callbacks.insert(position, self)
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if args.dataloader_num_workers > 0:
+            raise ValueError(
+                f"`dataloader_num_workers`={args.dataloader_num_workers}: the federated stream must be read in step "
+                "order; set `dataloader_num_workers=0`."
+            )
+        if args.max_steps < self.total_steps:
+            raise ValueError(
+                f"`max_steps`={args.max_steps} cannot hold {self.config.rounds} rounds x {self.clients_per_round} "
+                f"clients x {self.config.local_steps} local steps; set `max_steps={self.total_steps}`."
+            )
+        self.selector = KSeedServer(
+            self.partition.num_clients,
+            num_seeds=1,  # unused: the selector only draws clients, exactly as FedKSeed's server does
+            seed=args.seed,
+            clients_per_round=self.clients_per_round,
+            aggregation=self.config.aggregation,
+        )
+        self._model = model
+        if self.trained is None and model is not None:
+            self.trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not self.trained:
+            raise ValueError("FedAvgCallback found no trainable parameter; pass the model or `trained=`.")
+        if args.remove_unused_columns and model is not None:
+            signature = inspect.signature(model.forward).parameters
+            self.columns = [name for name in signature if name not in ("self", "kwargs")] + ["label", "labels"]
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is not None and getattr(train_dataloader, "dataset", None) is not self.train_dataset:
+            raise ValueError("Pass `train_dataset=federated.train_dataset` to the Trainer.")
+        self.per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        round_index, slot, local_step = self.where(state.global_step)
+        if slot or local_step:
+            raise ValueError(
+                f"Resuming at step {state.global_step}, inside round {round_index}; resume from a round boundary."
+            )
+        if self._model is not None and self._loss_hook is None:
+            self._loss_hook = self._model.register_forward_hook(self._record_loss)
+        if state.is_world_process_zero:
+            self.rounds_path = Path(args.output_dir) / "rounds.jsonl"
+            self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if self.rounds_path.exists():
+                kept = [
+                    line
+                    for line in self.rounds_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["round"] < round_index
+                ]
+            self.rounds_path.write_text("".join(line + "\n" for line in kept))
+        logger.info(
+            "%s: %d clients, %d per round, %d rounds x %d local steps = %d Trainer steps, %d trained tensors",
+            self.config.method,
+            self.partition.num_clients,
+            self.clients_per_round,
+            self.config.rounds,
+            self.config.local_steps,
+            self.total_steps,
+            len(self.trained),
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        round_index, slot, local_step = self.where(state.global_step)
+        if local_step:
+            return
+        if slot == 0:
+            self._begin_round(round_index)
+        self._begin_client(slot, optimizer)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        round_index, slot, local_step = self.where(state.global_step - 1)
+        record = self._round
+        last_step = getattr(_unwrap(optimizer), "last_step", None)
+        if last_step is not None:  # a zeroth-order optimizer: its loss, and (FedZO) the step's seed and lr*g
+            record["losses"].append(float(last_step["loss"]))
+            if last_step.get("skipped") is None:
+                record["steps"].append((int(last_step["seed"]), float(last_step["lr"] * last_step["projected_grad"])))
+                record["indices"].setdefault(record["clients"][slot], []).append(int(last_step["seed_index"]))
+        elif self._loss_count:
+            record["losses"].append(float(self._loss_sum) / self._loss_count)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        if local_step == self.config.local_steps - 1:
+            self._end_client(record["clients"][slot])
+            if slot == self.clients_per_round - 1:
+                self._end_round(round_index)
+                control.should_log = True
+                for flag in self._deferred:
+                    setattr(control, flag, True)
+                self._deferred.clear()
+                if round_index == self.config.rounds - 1:
+                    control.should_training_stop = True
+                return
+        for flag in ("should_save", "should_evaluate"):  # mid-round the weights are a client's
+            if getattr(control, flag):
+                self._deferred.add(flag)
+                setattr(control, flag, False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_log is not None and logs is not None:
+            logs.update(self._pending_log)
+            if state.log_history:
+                state.log_history[-1].update(self._pending_log)
+            self._pending_log = None
+
+    # ------------------------------------------------------------------ rounds
+    def _record_loss(self, module, inputs, output) -> None:
+        """Forward hook: the training loss of first-order steps (ZO forwards run without grad and are skipped)."""
+        loss = getattr(output, "loss", None)
+        if loss is not None and module.training and torch.is_grad_enabled():
+            self._loss_sum += loss.detach().to("cpu", torch.float64)
+            self._loss_count += 1
+
+    @torch.no_grad()
+    def _begin_round(self, round_index: int) -> None:
+        global_tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.trained}
+        self._round = {
+            "round": round_index,
+            "clients": self.selected_clients(round_index),
+            "global": global_tensors,
+            "download": encode_tensors(global_tensors),  # the broadcast, encoded once, sent to every client
+            "aggregate": {name: torch.zeros_like(t) for name, t in global_tensors.items()},
+            "weights": {},
+            "losses": [],
+            "steps": [],
+            "indices": {},  # FedZO: client id -> the optimizer's seed indices of its steps
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "start": time.perf_counter(),
+        }
+
+    @torch.no_grad()
+    def _begin_client(self, slot: int, optimizer) -> None:
+        record = self._round
+        record["bytes_down"] += len(record["download"])
+        received = decode_tensors(record["download"])  # what the client loads: the round's global tensors
+        for name, param in self.trained:
+            param.copy_(received[name])
+        inner = _unwrap(optimizer)
+        if inner is not None and not hasattr(inner, "last_step"):
+            inner.state.clear()  # a fresh AdamW per client and round (moments and step counts), as FedAvg/FedIT
+        record["steps"] = []
+        self._optimizer = inner
+
+    @torch.no_grad()
+    def _end_client(self, client_id: int) -> None:
+        record = self._round
+        num_samples = len(self.partition.clients[client_id])
+        if self.payload == "weights":
+            upload = encode_tensors({name: p for name, p in self.trained})
+            received = decode_tensors(upload)
+            client_tensors = {name: received[name] for name, _ in self.trained}
+        else:
+            message = SeedStepsMessage(
+                server_round=record["round"],
+                client_id=client_id,
+                num_samples=num_samples,
+                seeds=[seed for seed, _ in record["steps"]],
+                scalars=[scalar for _, scalar in record["steps"]],
+            )
+            upload = message.encode()
+            received_steps = SeedStepsMessage.decode(upload)
+            self._seed_history.extend(zip(received_steps.seeds.tolist(), received_steps.scalars.tolist(), strict=True))
+            # Replaying the pairs on the broadcast model gives these weights up to float rounding (see the tests).
+            client_tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.trained}
+        record["bytes_up"] += len(upload)
+        weight = self.selector.client_weight(num_samples)
+        record["weights"][client_id] = weight
+        for name, tensor in client_tensors.items():
+            record["aggregate"][name].add_(tensor.to(torch.float32) - record["global"][name], alpha=weight)
+
+    @torch.no_grad()
+    def _end_round(self, round_index: int) -> None:
+        record = self._round
+        total = sum(record["weights"].values())
+        for name, param in self.trained:
+            update = record["global"][name] + record["aggregate"][name] / total
+            param.copy_(update.to(param.dtype))
+        accumulators = getattr(self._optimizer, "accumulators", None)
+        if self.payload == "seed_steps" and accumulators is not None:
+            # Each fresh seed was used by one step of one client, so weighting its scalar by the client's share
+            # keeps the optimizer's description `w = w0 - sum_j A_j z_j` of the averaged model (its KSeed delta).
+            for client_id, indices in record["indices"].items():
+                accumulators[torch.tensor(indices, dtype=torch.int64)] *= record["weights"][client_id] / total
+        clients = len(record["clients"])
+        entry = {
+            "round": round_index,
+            "method": self.config.method,
+            "clients": record["clients"],
+            "accepted": sorted(record["weights"]),
+            "train_loss": sum(record["losses"]) / max(len(record["losses"]), 1),
+            "bytes_up": record["bytes_up"],
+            "bytes_down": record["bytes_down"],
+            "bytes_per_client": (record["bytes_up"] + record["bytes_down"]) / clients,
+            "trained_parameters": sum(t.numel() for t in record["global"].values()),
+            "seconds": time.perf_counter() - record["start"],
+        }
+        if self.payload == "seed_steps":
+            # The alternative download: every (seed, lr*g) since round 0 for a client to replay from w0.
+            entry["bytes_down_seed_history"] = len(encode_seed_history(self._seed_history))
+        self.history.append(entry)
+        self._pending_log = {
+            "round": round_index,
+            "round_train_loss": entry["train_loss"],
+            "bytes_up": entry["bytes_up"],
+            "bytes_down": entry["bytes_down"],
+            "round_seconds": entry["seconds"],
+        }
+        if self.rounds_path is not None:
+            with self.rounds_path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        logger.info(
+            "round %d/%d  loss %.4f  bytes/client %.0f  %.1fs",
+            round_index + 1,
+            self.config.rounds,
+            entry["train_loss"],
+            entry["bytes_per_client"],
+            entry["seconds"],
+        )
+        self._round = None
+
+
+def _unwrap(optimizer):
+    """The torch optimizer inside accelerate's `AcceleratedOptimizer` (or the optimizer itself, or None)."""
+    return getattr(optimizer, "optimizer", optimizer)
