@@ -23,6 +23,8 @@ from .perturbation import _splitmix64
 logger = logging.getLogger(__name__)
 
 _STATE_NAME = "federated"
+# The federated tuning methods a recipe's `method` selects; the last three live in hf_fedkseed.baselines.
+METHODS = ("fedkseed", "fedkseed_pro", "fedzo", "fedit", "fedavg")
 _DATA_SALT = 0xDA7A
 _SCHEDULE_SALT = 0x5C4ED
 
@@ -62,6 +64,13 @@ class FederatedConfig:
     held_out: list[str] | None = field(
         default=None, metadata={"help": "Values of `partition_column` kept out of training (evaluation)."}
     )
+    method: Literal["fedkseed", "fedkseed_pro", "fedzo", "fedit", "fedavg"] | None = field(
+        default=None,
+        metadata={
+            "help": f"Federated tuning method, one of {METHODS}; unset: `fedkseed_pro` if `pro` else `fedkseed`. "
+            "fedzo, fedit and fedavg are the baselines of hf_fedkseed.baselines."
+        },
+    )
     pro: bool = field(default=False, metadata={"help": "FedKSeed-Pro: sample seeds by their importance."})
     pro_clip: float = field(default=DEFAULT_PRO_CLIP, metadata={"help": "Clip of |g| in Pro importance."})
     aggregation: Literal["samples", "equal"] = field(
@@ -97,6 +106,70 @@ class FederatedConfig:
             raise ValueError(f"Invalid `aggregation` {self.aggregation!r}; choose one of {AGGREGATIONS}.")
         if self.undo not in UNDO_MODES:
             raise ValueError(f"Invalid `undo` {self.undo!r}; choose one of {UNDO_MODES}.")
+        if self.method is None:  # `pro` alone still selects FedKSeed-Pro
+            self.method = "fedkseed_pro" if self.pro else "fedkseed"
+        elif self.method not in METHODS:
+            raise ValueError(f"Invalid `method` {self.method!r}; choose one of {METHODS}.")
+        elif self.method == "fedkseed_pro":
+            self.pro = True
+        elif self.pro:
+            raise ValueError(
+                f"`pro: true` conflicts with `method: {self.method}`; use `method: fedkseed_pro` (and drop `pro`)."
+            )
+
+
+def build_partition(config: FederatedConfig, dataset) -> Partition:
+    """The client shards `config` describes over `dataset` (every runtime calls this, so they agree on the clients).
+
+    Raises:
+        ValueError: for a partition that does not fit the data (see `partition_dataset`).
+
+    Example:
+        >>> partition = build_partition(FederatedConfig(rounds=2, num_clients=8, clients_per_round=2), rows)
+    """
+    kwargs: dict[str, Any] = {}
+    if config.partition == "iid":
+        kwargs = dict(num_clients=config.num_clients, seed=config.partition_seed)
+    elif config.partition == "dirichlet":
+        kwargs = dict(
+            num_clients=config.num_clients,
+            column=config.partition_column,
+            alpha=config.dirichlet_alpha,
+            seed=config.partition_seed,
+            min_client_size=config.min_client_size,
+        )
+    else:
+        kwargs = dict(column=config.partition_column, min_client_size=config.min_client_size)
+    if config.held_out:
+        kwargs.update(held_out=config.held_out, column=config.partition_column)
+    return partition_dataset(dataset, config.partition, **kwargs)
+
+
+def client_step_rows(config: FederatedConfig, per_step: int, round_index: int, client: int, rows) -> list[int]:
+    """The dataset rows a client reads in a round, in order: `per_step` rows for each of its `local_steps` steps.
+
+    Row `k` of local step `t` is `rows[perm[(t * per_step + k) % len(rows)]]`, with `perm` a permutation of the
+    shard drawn from `(partition_seed, round, client)` alone, so any runtime that knows the round and the client
+    feeds the same batches.
+
+    Example:
+        >>> client_step_rows(config, per_step=4, round_index=0, client=3, rows=partition.clients[3])[:4]
+    """
+    generator = torch.Generator().manual_seed(_mix(_DATA_SALT, config.partition_seed, round_index, client))
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    return [rows[order[position % len(rows)]] for position in range(config.local_steps * per_step)]
+
+
+def pro_seed_schedule(server: KSeedServer, seed: int, round_index: int, client: int, local_steps: int) -> torch.Tensor:
+    """FedKSeed-Pro: the `local_steps` seed indices the server draws for a client from its current probabilities.
+
+    The draw comes from a private generator seeded from `(seed, round, client)`, so every runtime sends the same.
+
+    Example:
+        >>> schedule = pro_seed_schedule(server, seed=42, round_index=3, client=5, local_steps=200)
+    """
+    generator = torch.Generator().manual_seed(_mix(_SCHEDULE_SALT, seed, round_index, client))
+    return torch.multinomial(server.probabilities(), local_steps, replacement=True, generator=generator)
 
 
 class FederatedTrainDataset(IterableDataset):
@@ -120,10 +193,8 @@ class FederatedTrainDataset(IterableDataset):
         for round_index in range(config.rounds):
             for client in callback.selected_clients(round_index):
                 rows = callback.partition.clients[client]
-                generator = torch.Generator().manual_seed(_mix(_DATA_SALT, config.partition_seed, round_index, client))
-                order = torch.randperm(len(rows), generator=generator).tolist()
-                for position in range(config.local_steps * per_step):
-                    yield callback.row(rows[order[position % len(rows)]])
+                for index in client_step_rows(config, per_step, round_index, client, rows):
+                    yield callback.row(index)
 
 
 class FederatedCallback(TrainerCallback):
@@ -159,26 +230,9 @@ class FederatedCallback(TrainerCallback):
     def __init__(self, config: FederatedConfig, train_dataset, *, partition: Partition | None = None):
         self.config = config
         self.dataset = train_dataset
-        if partition is None:
-            kwargs: dict[str, Any] = {}
-            if config.partition == "iid":
-                kwargs = dict(num_clients=config.num_clients, seed=config.partition_seed)
-            elif config.partition == "dirichlet":
-                kwargs = dict(
-                    num_clients=config.num_clients,
-                    column=config.partition_column,
-                    alpha=config.dirichlet_alpha,
-                    seed=config.partition_seed,
-                    min_client_size=config.min_client_size,
-                )
-            else:
-                kwargs = dict(column=config.partition_column, min_client_size=config.min_client_size)
-            if config.held_out:
-                kwargs.update(held_out=config.held_out, column=config.partition_column)
-            partition = partition_dataset(train_dataset, config.partition, **kwargs)
-        self.partition = partition
+        self.partition = build_partition(config, train_dataset) if partition is None else partition
         self.clients_per_round = KSeedServer.resolve_clients_per_round(
-            partition.num_clients, config.clients_per_round, config.client_fraction
+            self.partition.num_clients, config.clients_per_round, config.client_fraction
         )
         self.server: KSeedServer | None = None  # built when the Trainer hands over the optimizer (K, seed)
         self.train_dataset = FederatedTrainDataset(self)
@@ -366,11 +420,8 @@ class FederatedCallback(TrainerCallback):
         client_id = record["clients"][slot]
         schedule = None
         if self.config.pro:  # the server draws the client's tau seeds from the Pro distribution and sends them
-            generator = torch.Generator().manual_seed(
-                _mix(_SCHEDULE_SALT, self.optimizer.seed, record["round"], client_id)
-            )
-            schedule = torch.multinomial(
-                self.server.probabilities(), self.config.local_steps, replacement=True, generator=generator
+            schedule = pro_seed_schedule(
+                self.server, self.optimizer.seed, record["round"], client_id, self.config.local_steps
             )
         sync = self._sync_message(record["round"], schedule=schedule)
         payload = sync.encode()

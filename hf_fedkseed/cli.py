@@ -1,4 +1,4 @@
-"""The `hf-fedkseed` command line: `train RECIPE.yaml`, `eval MODEL_DIR`, `env`; heavy imports happen per command."""
+"""The `hf-fedkseed` command line: `train`, `eval`, `push` and `env`; heavy imports happen per command."""
 
 from __future__ import annotations
 
@@ -120,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=42, help="seeds the choice of evaluated rows")
     evaluate.add_argument("--output", default=None, help="also write the JSON result to this file")
     commands.add_parser("env", help="print the versions of hf-fedkseed and its dependencies")
+    from .hub import add_push_arguments
+
+    add_push_arguments(
+        commands.add_parser(
+            "push",
+            help="upload a run (merged model, KSeed delta, model card) to the Hugging Face Hub",
+            description="Create the repository if needed and upload OUTPUT_DIR in one commit (checkpoints are left "
+            "out). The token comes from HF_TOKEN or `hf auth login`.",
+        )
+    )
+    from .flower.simulation import add_flower_arguments
+
+    add_flower_arguments(
+        commands.add_parser(
+            "flower",
+            help="run a recipe as a Flower deployment in a local simulation (one SuperNode per client)",
+            description="Run the FedKSeed Flower ServerApp and ClientApps of a recipe in Flower's local simulation. "
+            "Recipe fields can be overridden as `--field value` after the recipe path.",
+        )
+    )
     return parser
 
 
@@ -133,12 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _train(args.recipe, rest)
+    if args.command == "flower":
+        from .flower.simulation import run_flower
+
+        return run_flower(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "eval":
         return _eval(args)
     if args.command == "env":
         return _env()
+    if args.command == "push":
+        from .hub import run_push
+
+        return run_push(args)
     parser.print_help()
     return USAGE_ERROR
 

@@ -30,6 +30,19 @@ class ModelArguments:
         default=None,
         metadata={"help": "Tokenizer Hub id or directory; `byt5` for the file-free byte-level tokenizer."},
     )
+    # method `fedit` only (the names of TRL's ModelConfig)
+    lora_r: int = field(default=8, metadata={"help": "fedit: LoRA rank (FedIT: 8)."})
+    lora_alpha: int = field(default=16, metadata={"help": "fedit: LoRA alpha (FedIT: 16)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "fedit: LoRA dropout (FedIT: 0.05)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "fedit: layers that get LoRA adapters."}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "fedit: 8-bit base through bitsandbytes."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "fedit: 4-bit (NF4) base through bitsandbytes."})
+
+    def __post_init__(self):
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("Set at most one of `load_in_8bit` and `load_in_4bit`.")
 
 
 @dataclass
@@ -62,7 +75,13 @@ class ZOArguments:
 
     zo_eps: float = field(default=5e-4, metadata={"help": "Perturbation scale eps (the paper: 5e-4)."})
     num_seeds: int = field(default=4096, metadata={"help": "K, the candidate seeds (the paper: 4096)."})
-    engine: str | None = field(default=None, metadata={"help": "Perturbation engine (default: torch-chunked)."})
+    engine: str | None = field(
+        default=None,
+        metadata={
+            "help": "Perturbation engine: `counter` (default; counter-based Gaussian, compiled for large models), "
+            "`counter-rademacher`, `torch-chunked`, or `torch-sequential` (the official code's seeds)."
+        },
+    )
     grad_clip: float | None = field(default=None, metadata={"help": "Skip steps with |L+ - L-| above this."})
 
 

@@ -110,11 +110,13 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
 
     Loads the tokenizer, model and instruction data, tokenizes the training split, evaluates Rouge-L on the held-out
     split, runs the federated rounds through the stock Trainer with `KSeedZOOptimizer` and `FederatedCallback`,
-    evaluates again, and writes the model (safetensors), the tokenizer, `rounds.jsonl`, `eval_results.json` and
-    `training.png` to `training_args.output_dir`.
+    evaluates again, and writes the model (safetensors), the tokenizer, `rounds.jsonl`, `eval_results.json`,
+    `training.png`, the KSeed delta and the model card to `training_args.output_dir` (pushed if `push_to_hub`).
     """
     from transformers import Trainer
 
+    from .artifacts import KSeedArtifactsCallback, run_summary
+    from .baselines.setup import BASELINE_METHODS, prepare_baseline
     from .callback import FederatedCallback
     from .data import load_instruction_dataset, tokenize_for_generation, tokenize_for_training, training_collator
     from .evaluation import evaluate_rouge_l
@@ -157,16 +159,33 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         loss_before,
     )
 
-    optimizer = KSeedZOOptimizer(
-        model,
-        lr=training_args.learning_rate,
-        eps=zo_args.zo_eps,
-        num_seeds=zo_args.num_seeds,
-        seed=training_args.seed,
-        engine=zo_args.engine,
-        grad_clip=zo_args.grad_clip,
+    method = getattr(federated_config, "method", None) or ("fedkseed_pro" if federated_config.pro else "fedkseed")
+    if method in BASELINE_METHODS:  # fedzo, fedit, fedavg: the comparison methods (hf_fedkseed.baselines)
+        baseline = prepare_baseline(
+            method,
+            model,
+            train_rows,
+            model_args=model_args,
+            zo_args=zo_args,
+            federated_config=federated_config,
+            training_args=training_args,
+        )
+        model, optimizer, federated = baseline.model, baseline.optimizer, baseline.federated
+    else:
+        optimizer = KSeedZOOptimizer(
+            model,
+            lr=training_args.learning_rate,
+            eps=zo_args.zo_eps,
+            num_seeds=zo_args.num_seeds,
+            seed=training_args.seed,
+            engine=zo_args.engine,
+            grad_clip=zo_args.grad_clip,
+        )
+        federated = FederatedCallback(federated_config, train_rows)
+    # The KSeed delta and the model card in every checkpoint, and in `output_dir` by `artifacts.finish` below.
+    artifacts = KSeedArtifactsCallback(
+        run_summary(model_args, data_args, zo_args, federated_config, training_args), federated=federated
     )
-    federated = FederatedCallback(federated_config, train_rows)
     if training_args.max_steps <= 0:
         training_args.max_steps = federated.total_steps  # the rounds define the run's length
     trainer = Trainer(
@@ -175,7 +194,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         train_dataset=federated.train_dataset,
         data_collator=collator,
         optimizers=(optimizer, None),
-        callbacks=[federated],
+        callbacks=[federated, artifacts],
     )
     federated.move_before_reporters(trainer)  # so `report_to` integrations receive the round records
     train_started = time.perf_counter()
@@ -204,6 +223,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         "clients": federated.partition.num_clients,
         "clients_per_round": federated.clients_per_round,
         "local_steps": federated_config.local_steps,
+        "method": method,
         "pro": federated_config.pro,
         "num_seeds": zo_args.num_seeds,
         "bytes_per_client_per_round": (
@@ -216,4 +236,5 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
     if history:
         plot_rounds(history, output_dir / "training.png")
+    artifacts.finish(trainer, results)  # kseed_config.json, kseed_delta.safetensors, README.md; the push if asked
     return results

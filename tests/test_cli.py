@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_fedkseed import __version__
 from hf_fedkseed.cli import main
@@ -133,7 +134,19 @@ def test_quickstart_end_to_end_with_a_short_override(tmp_path, monkeypatch, caps
         assert (output / name).is_file(), name
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(output)  # the saved model loads with transformers alone
+    merged = AutoModelForCausalLM.from_pretrained(output)  # the saved model loads with transformers alone
+
+    # The KSeed delta and the card: the delta rebuilds the merged model on the recipe's base.
+    from hf_fedkseed.configs import ModelArguments
+    from hf_fedkseed.delta import apply_kseed
+    from hf_fedkseed.pipeline import load_model
+
+    card = (output / "README.md").read_text()
+    assert "FedKSeed-Pro" in card and "| rounds | 2 |" in card and "adamw" not in card.lower()
+    base = load_model(ModelArguments("hf_fedkseed/resources/tiny-llama", from_scratch=True), seed=42)
+    rebuilt = apply_kseed(base, output)
+    for name, param in rebuilt.named_parameters():
+        torch.testing.assert_close(param, merged.get_parameter(name), rtol=0, atol=1e-6)
 
     capsys.readouterr()
     evaluated = output / "eval.json"
