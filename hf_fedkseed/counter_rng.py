@@ -77,8 +77,8 @@ def _ln_unit(u: torch.Tensor) -> torch.Tensor:
     exponent = (bits >> 23) - 127
     mantissa = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # [1, 2)
     high = mantissa > 1.4142135
-    mantissa = torch.where(high, mantissa * 0.5, mantissa)
-    exponent = torch.where(high, exponent + 1, exponent)
+    mantissa = mantissa * (1.0 - 0.5 * high.to(torch.float32))  # halved when high: exact (a power of two)
+    exponent = exponent + high.to(torch.int32)
     s = (mantissa - 1.0) / (mantissa + 1.0)  # |s| < 0.172, so the series below is exact to float32
     s2 = s * s
     series = 2.0 + s2 * (0.6666666666666666 + s2 * (0.4 + s2 * (0.2857142857142857 + s2 * 0.2222222222222222)))
@@ -90,7 +90,7 @@ def _cos_two_pi(bits24: torch.Tensor) -> torch.Tensor:
     t = bits24.to(torch.float32) * (2.0**-24) - 0.5  # cos(2 pi u) = -cos(2 pi t), t in [-0.5, 0.5) exactly
     t = torch.abs(t)
     far = t > 0.25
-    x = torch.where(far, 0.5 - t, t) * _TWO_PI  # [0, pi/2]
+    x = (0.25 - torch.abs(t - 0.25)) * _TWO_PI  # t, or 0.5 - t when far: [0, pi/2] (exact: t is a multiple of 2**-24)
     x2 = x * x
     # Taylor coefficients 1/2!, 1/4!, ..., 1/12! (the next term is below 6e-10 on [0, pi/2])
     c = -2.755731922398589e-07 + x2 * 2.08767569878681e-09
@@ -98,7 +98,7 @@ def _cos_two_pi(bits24: torch.Tensor) -> torch.Tensor:
     c = -1.388888888888889e-03 + x2 * c
     c = 4.1666666666666664e-02 + x2 * c
     c = 1.0 + x2 * (-0.5 + x2 * c)
-    return torch.where(far, c, -c)
+    return c * (2.0 * far.to(torch.float32) - 1.0)  # -c, or +c when far (cos(pi - x) = -cos x, and the -0.5 shift)
 
 
 def gaussian_from_counter(index_lo: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:

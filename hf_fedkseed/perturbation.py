@@ -359,7 +359,10 @@ class CounterEngine(PerturbationEngine):
             for index, flat, _, _, _ in batch:
                 piece_z = z[offset : offset + flat.numel()]
                 offset += flat.numel()
-                flat.copy_(betas[index] * flat.to(torch.float32) + alphas[index] * piece_z)
+                if betas[index] == 1.0 and flat.dtype == torch.float32:
+                    flat.add_(alphas[index] * piece_z)  # the kernel's 1.0 * p + alpha * z, rounded the same way
+                else:
+                    flat.copy_(betas[index] * flat.to(torch.float32) + alphas[index] * piece_z)
 
     @torch.no_grad()
     def replay_(self, params, seeds, coefficients):
