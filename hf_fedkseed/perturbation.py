@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from abc import ABC, abstractmethod
@@ -35,6 +36,13 @@ def canonical_name(name: str) -> str:
     while name.startswith("module."):
         name = name[len("module.") :]
     return name
+
+
+@functools.lru_cache(maxsize=65536)
+def _name_key(name: str) -> int:
+    """A 64-bit hash of a parameter's canonical name: the part of every engine's key that says which weight it is."""
+    digest = hashlib.blake2b(canonical_name(name).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _per_param(value: float | Sequence[float], count: int, what: str) -> Sequence[float]:
@@ -120,20 +128,12 @@ class ChunkedGeneratorEngine(PerturbationEngine):
         if chunk_size <= 0:
             raise ValueError(f"Invalid `chunk_size`: {chunk_size}; it must be a positive number of elements.")
         self.chunk_size = chunk_size
-        self._name_keys: dict[str, int] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _name_key(self, name: str) -> int:
-        key = self._name_keys.get(name)
-        if key is None:
-            digest = hashlib.blake2b(canonical_name(name).encode("utf-8"), digest_size=8).digest()
-            key = self._name_keys[name] = int.from_bytes(digest, "little")
-        return key
-
     def chunk_seed(self, seed: int, name: str, chunk_index: int) -> int:
         """The generator seed of one chunk: a 64-bit hash of (seed, name, chunk index)."""
-        return _splitmix64(_splitmix64((seed & _MASK64) ^ self._name_key(name)) ^ chunk_index)
+        return _splitmix64(_splitmix64((seed & _MASK64) ^ _name_key(name)) ^ chunk_index)
 
     def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
         scratch = self._scratch.get(device)
@@ -270,7 +270,6 @@ class CounterEngine(PerturbationEngine):
         self.compile_threshold = compile_threshold
         self._kernels = {flag: CounterKernels.get(self.distribution, flag) for flag in (False, True)}
         self.eager_batch = 1 << 20  # elements (times seeds, in a replay) evaluated together on the eager path
-        self._name_keys: dict[str, int] = {}
 
     def kernels_for(self, params: NamedTensors):
         """The compiled kernels, or the eager ones when `compile=False` or (auto) the tensors are too small to gain."""
@@ -283,16 +282,9 @@ class CounterEngine(PerturbationEngine):
         """Seconds the first call of each compiled kernel took, by `kernel/device/dtype` (empty until used)."""
         return dict(self._kernels[True].compile_seconds)
 
-    def _name_key(self, name: str) -> int:
-        key = self._name_keys.get(name)
-        if key is None:
-            digest = hashlib.blake2b(canonical_name(name).encode("utf-8"), digest_size=8).digest()
-            key = self._name_keys[name] = int.from_bytes(digest, "little")
-        return key
-
     def key(self, seed: int, name: str) -> tuple[int, int]:
         """The two 32-bit words (as Python ints in `[0, 2**32)`) that key z for this seed and parameter name."""
-        mixed = _splitmix64(_splitmix64((seed & _MASK64) ^ self._name_key(name)))
+        mixed = _splitmix64(_splitmix64((seed & _MASK64) ^ _name_key(name)))
         return mixed & 0xFFFFFFFF, mixed >> 32
 
     @staticmethod
