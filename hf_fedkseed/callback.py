@@ -197,7 +197,74 @@ class FederatedTrainDataset(IterableDataset):
                     yield callback.row(index)
 
 
-class FederatedCallback(TrainerCallback):
+class RoundScheduleCallback(TrainerCallback):
+    """What every in-process federated runtime shares: the partition, the step schedule and the client stream.
+
+    One Trainer optimizer step is one local step of the active client, round after round, so a run is
+    `rounds * clients_per_round * local_steps` Trainer steps, and `train_dataset` feeds each step from the active
+    client's shard. Subclasses (`FederatedCallback`, `hf_fedkseed.baselines.FedAvgCallback`) pick the clients and
+    aggregate.
+    """
+
+    def __init__(self, config: FederatedConfig, train_dataset, partition: Partition | None = None):
+        self.config = config
+        self.dataset = train_dataset
+        self.partition = build_partition(config, train_dataset) if partition is None else partition
+        self.clients_per_round = KSeedServer.resolve_clients_per_round(
+            self.partition.num_clients, config.clients_per_round, config.client_fraction
+        )
+        self.train_dataset = FederatedTrainDataset(self)
+        self.columns: list[str] | None = None
+        self.per_step: int | None = None
+        self.rounds_path: Path | None = None
+        self.history: list[dict] = []
+        self._round: dict | None = None
+        self._deferred: set[str] = set()  # control flags raised mid-round, honoured at the round's end
+        self._pending_log: dict | None = None
+
+    def move_before_reporters(self, trainer) -> None:
+        """Run this callback right after the Trainer's flow callback, before the `report_to` integrations.
+
+        The Trainer registers its reporting callbacks (wandb, tensorboard, ...) before user callbacks, so by default
+        they log a step before this callback adds the round's fields to it. Moving it up lets `report_to` see the
+        round records; it must stay after `DefaultFlowCallback`, whose save and evaluate requests it defers to
+        round boundaries.
+
+        Example:
+            >>> trainer = Trainer(..., callbacks=[federated])
+            >>> federated.move_before_reporters(trainer)
+        """
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        callbacks.remove(self)
+        position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+        callbacks.insert(position, self)
+
+    @property
+    def total_steps(self) -> int:
+        """The Trainer steps the run takes: `rounds * clients_per_round * local_steps` (set `max_steps` to it)."""
+        return self.config.rounds * self.clients_per_round * self.config.local_steps
+
+    def selected_clients(self, round_index: int) -> list[int]:
+        """The ids of the clients that train in round `round_index` (each runtime selects its own way)."""
+        raise NotImplementedError
+
+    def where(self, global_step: int) -> tuple[int, int, int]:
+        """(round, slot among the round's clients, local step) of a Trainer optimizer step."""
+        steps_per_round = self.clients_per_round * self.config.local_steps
+        return (
+            global_step // steps_per_round,
+            (global_step % steps_per_round) // self.config.local_steps,
+            global_step % self.config.local_steps,
+        )
+
+    def row(self, index: int) -> dict:
+        item = self.dataset[index]
+        return item if self.columns is None else {k: v for k, v in item.items() if k in self.columns}
+
+
+class FederatedCallback(RoundScheduleCallback):
     """Runs FedKSeed (or FedKSeed-Pro) rounds inside the stock `transformers.Trainer`.
 
     The Trainer's optimizer steps are the local steps of the selected clients, round after round: the callback
@@ -228,65 +295,15 @@ class FederatedCallback(TrainerCallback):
     """
 
     def __init__(self, config: FederatedConfig, train_dataset, *, partition: Partition | None = None):
-        self.config = config
-        self.dataset = train_dataset
-        self.partition = build_partition(config, train_dataset) if partition is None else partition
-        self.clients_per_round = KSeedServer.resolve_clients_per_round(
-            self.partition.num_clients, config.clients_per_round, config.client_fraction
-        )
+        super().__init__(config, train_dataset, partition)
         self.server: KSeedServer | None = None  # built when the Trainer hands over the optimizer (K, seed)
-        self.train_dataset = FederatedTrainDataset(self)
-        self.columns: list[str] | None = None
-        self.per_step: int | None = None
         self.client: KSeedClient | None = None
         self.optimizer: KSeedZOOptimizer | None = None
-        self.rounds_path: Path | None = None
-        self.history: list[dict] = []
-        self._round: dict | None = None
         self._client_index: int | None = None
-        self._deferred: set[str] = set()  # control flags raised mid-round, honoured at the round's end
-        self._pending_log: dict | None = None
-
-    def move_before_reporters(self, trainer) -> None:
-        """Run this callback right after the Trainer's flow callback, before the `report_to` integrations.
-
-        The Trainer registers its reporting callbacks (wandb, tensorboard, ...) before user callbacks, so by default
-        they log a step before this callback adds the round's fields to it. Moving it up lets `report_to` see the
-        round records; it must stay after `DefaultFlowCallback`, whose save and evaluate requests it defers to
-        round boundaries.
-
-        Example:
-            >>> trainer = Trainer(..., callbacks=[federated])
-            >>> federated.move_before_reporters(trainer)
-        """
-        from transformers.trainer_callback import DefaultFlowCallback
-
-        callbacks = trainer.callback_handler.callbacks
-        callbacks.remove(self)
-        position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
-        callbacks.insert(position, self)
 
     # ------------------------------------------------------------------ schedule
-    @property
-    def total_steps(self) -> int:
-        """The Trainer steps the run takes: `rounds * clients_per_round * local_steps` (set `max_steps` to it)."""
-        return self.config.rounds * self.clients_per_round * self.config.local_steps
-
     def selected_clients(self, round_index: int) -> list[int]:
         return self.server.select_clients(round_index)
-
-    def where(self, global_step: int) -> tuple[int, int, int]:
-        """(round, slot among the round's clients, local step) of a Trainer optimizer step."""
-        steps_per_round = self.clients_per_round * self.config.local_steps
-        return (
-            global_step // steps_per_round,
-            (global_step % steps_per_round) // self.config.local_steps,
-            global_step % self.config.local_steps,
-        )
-
-    def row(self, index: int) -> dict:
-        item = self.dataset[index]
-        return item if self.columns is None else {k: v for k, v in item.items() if k in self.columns}
 
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):

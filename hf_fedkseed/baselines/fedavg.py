@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-from ..callback import FederatedConfig, FederatedTrainDataset, build_partition
+from ..callback import FederatedConfig, RoundScheduleCallback
 from ..federated.partition import Partition
 from ..federated.server import KSeedServer
 from .fedzo import SeedStepsMessage, encode_seed_history
@@ -40,7 +39,7 @@ def decode_tensors(payload: bytes) -> dict[str, torch.Tensor]:
     return load(payload)
 
 
-class FedAvgCallback(TrainerCallback):
+class FedAvgCallback(RoundScheduleCallback):
     """Federated rounds that average client *weights*, emulated inside the stock `transformers.Trainer`.
 
     The runtime of the baselines that FedKSeed is compared with. Each round the server selects clients with the
@@ -99,60 +98,20 @@ class FedAvgCallback(TrainerCallback):
             raise ValueError(f"Invalid `payload` {payload!r}; choose one of {PAYLOADS}.")
         if config.pro:
             raise ValueError("FedAvgCallback averages weights; run FedKSeed-Pro (`pro`) with FederatedCallback.")
-        self.config = config
-        self.dataset = train_dataset
+        super().__init__(config, train_dataset, partition)  # train_dataset: the very stream FedKSeed's clients read
         self.payload = payload
-        self.partition = build_partition(config, train_dataset) if partition is None else partition
-        self.clients_per_round = KSeedServer.resolve_clients_per_round(
-            self.partition.num_clients, config.clients_per_round, config.client_fraction
-        )
-        self.train_dataset = FederatedTrainDataset(self)  # the very stream FedKSeed's clients read
         self.trained = trained
         self.selector: KSeedServer | None = None  # client selection only; built from `args.seed`
-        self.columns: list[str] | None = None
-        self.per_step: int | None = None
-        self.rounds_path: Path | None = None
-        self.history: list[dict] = []
         self._model = None
         self._optimizer = None
-        self._round: dict | None = None
         self._loss_hook = None
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self._seed_history: list[tuple[int, float]] = []  # every (seed, lr*g) of every client so far (FedZO)
-        self._deferred: set[str] = set()
-        self._pending_log: dict | None = None
 
-    # ------------------------------------------------------------------ schedule (as FederatedCallback)
-    @property
-    def total_steps(self) -> int:
-        """The Trainer steps the run takes: `rounds * clients_per_round * local_steps` (set `max_steps` to it)."""
-        return self.config.rounds * self.clients_per_round * self.config.local_steps
-
+    # ------------------------------------------------------------------ schedule (the rest: RoundScheduleCallback)
     def selected_clients(self, round_index: int) -> list[int]:
         return self.selector.select_clients(round_index)
-
-    def where(self, global_step: int) -> tuple[int, int, int]:
-        """(round, slot among the round's clients, local step) of a Trainer optimizer step."""
-        steps_per_round = self.clients_per_round * self.config.local_steps
-        return (
-            global_step // steps_per_round,
-            (global_step % steps_per_round) // self.config.local_steps,
-            global_step % self.config.local_steps,
-        )
-
-    def row(self, index: int) -> dict:
-        item = self.dataset[index]
-        return item if self.columns is None else {k: v for k, v in item.items() if k in self.columns}
-
-    def move_before_reporters(self, trainer) -> None:
-        """Run right after the Trainer's flow callback, so `report_to` integrations see the round records."""
-        from transformers.trainer_callback import DefaultFlowCallback
-
-        callbacks = trainer.callback_handler.callbacks
-        callbacks.remove(self)
-        position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
-        callbacks.insert(position, self)
 
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
