@@ -18,13 +18,18 @@ _EVAL_KEYS = ("rougeL_before", "rougeL_after", "eval_loss_before", "eval_loss_af
 
 
 def describe_base(model_args) -> tuple[str, str | None, str]:
-    """(name, revision, source) of a run's base model; source is `hub`, `local`, or `config` (built from scratch)."""
-    name = model_args.model_name_or_path
-    if getattr(model_args, "from_scratch", False):
-        return name, None, "config"
-    if Path(name).exists():
-        return name, None, "local"
-    return name, getattr(model_args, "model_revision", None), "hub"
+    """(name, revision, source) of a run's base model; source is one of `hf_fedkseed.bases.BASE_SOURCES`.
+
+    `hub`, `local`, `config` (built from scratch), or `gguf-local`, `gguf-hub`, `gguf-package` for a GGUF file
+    (`hf_fedkseed.bases.base_record` adds the file and its sha256).
+
+    Raises:
+        BaseModelError: for a base that `hf_fedkseed.bases.resolve_base` refuses (missing package or file).
+    """
+    from .bases import resolve_base
+
+    spec = resolve_base(model_args)
+    return spec.name, spec.revision, spec.source
 
 
 def run_summary(model_args, data_args, zo_args, federated_config, training_args, *, method: str | None = None):
@@ -51,13 +56,15 @@ def run_summary(model_args, data_args, zo_args, federated_config, training_args,
     pro = bool(getattr(federated_config, "pro", False))
     summary: dict[str, Any] = {"method": method or ("fedkseed_pro" if pro else "fedkseed")}
     if model_args is not None:
-        name, revision, source = describe_base(model_args)
-        summary.update(base_model=name, base_model_revision=revision, base_model_source=source)
+        from .bases import base_record
+
+        summary.update(base_record(model_args))  # base_model, _revision, _source, _gguf_file, _gguf_sha256
     if data_args is not None:
         summary.update(
             dataset_name=data_args.dataset_name,
             dataset_format=data_args.dataset_format,
             max_length=data_args.max_length,
+            prompt_format=getattr(data_args, "prompt_format", "alpaca"),
         )
     if zo_args is not None:
         summary.update(
@@ -232,6 +239,8 @@ class KSeedArtifactsCallback(TrainerCallback):
                     base_model=summary.get("base_model"),
                     base_model_revision=summary.get("base_model_revision"),
                     base_model_source=summary.get("base_model_source"),
+                    base_model_gguf_file=summary.get("base_model_gguf_file"),
+                    base_model_gguf_sha256=summary.get("base_model_gguf_sha256"),
                     training=summary,
                 )
             except ValueError as error:  # weight decay: the model has no K-scalar description

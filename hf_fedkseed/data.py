@@ -46,6 +46,8 @@ PROMPT_TEMPLATE = {
         "### Instruction:\n{instruction}\n\n### Response:\n"
     ),
 }
+# How a row becomes a prompt: the paper's Alpaca template, or the tokenizer's own chat template (instruct models).
+PROMPT_FORMATS = ("alpaca", "chat")
 _FEATURES = datasets.Features({column: datasets.Value("string") for column in COLUMNS})
 # A list of token ids; `datasets.List` appeared in datasets 4.0, `Sequence` is its older spelling.
 _TOKEN_IDS = (datasets.List if hasattr(datasets, "List") else datasets.Sequence)(datasets.Value("int64"))
@@ -70,6 +72,83 @@ def build_prompt(instruction: str, input: str = "") -> str:
     if input.strip():
         return PROMPT_TEMPLATE["prompt_input"].format(instruction=instruction, input=input)
     return PROMPT_TEMPLATE["prompt_no_input"].format(instruction=instruction)
+
+
+def format_prompt(
+    instruction: str, input: str = "", tokenizer: PreTrainedTokenizerBase | None = None, prompt_format: str = "alpaca"
+) -> str:
+    """The prompt text of one row, after which the model writes its response, in either prompt format.
+
+    * `alpaca`: `build_prompt(instruction, input)`, the paper's template; `tokenizer` is not used.
+    * `chat`: one user turn rendered by the tokenizer's chat template with the generation prompt, e.g. for ChatML
+      "<|im_start|>user\\n{instruction}\\n\\n{input}<|im_end|>\\n<|im_start|>assistant\\n" (after the template's own
+      default system turn, if it has one). The user message is the instruction, plus "\\n\\n" and the input when the
+      input has text.
+
+    Args:
+        instruction: the task description.
+        input: the instance's input or context; empty or whitespace-only leaves it out.
+        tokenizer: the tokenizer whose `chat_template` renders the prompt; needed for `chat` only.
+        prompt_format: one of `PROMPT_FORMATS`.
+
+    Returns:
+        The prompt text (for `chat`, with any special tokens the template writes, such as a BOS).
+
+    Raises:
+        ValueError: for an unknown `prompt_format`, or for `chat` without a tokenizer or without a chat template.
+
+    Example:
+        >>> format_prompt("Repeat the word.", "apple") == build_prompt("Repeat the word.", "apple")
+        True
+        >>> prompt = format_prompt("Repeat the word.", "apple", chatml_tokenizer, "chat")  # doctest: +SKIP
+        >>> prompt.endswith("user\\nRepeat the word.\\n\\napple<|im_end|>\\n<|im_start|>assistant\\n")  # doctest: +SKIP
+        True
+    """
+    _check_prompt_format(prompt_format)
+    if prompt_format == "alpaca":
+        return build_prompt(instruction, input)
+    if tokenizer is None:
+        raise ValueError("prompt_format='chat' renders the tokenizer's chat template: pass the `tokenizer`.")
+    _check_chat_template(tokenizer)
+    return _render_chat(tokenizer, [_user_turn(instruction, input)], add_generation_prompt=True)
+
+
+def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the tokenizer's chat template closes an assistant turn with, or None.
+
+    Read from the template itself, not from a list of names: the first special token that the template writes after
+    an assistant reply (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, `<end_of_turn>` for Gemma). Generation
+    must stop there, since an instruct model emits it, not necessarily its `eos_token`, when it has answered.
+
+    Args:
+        tokenizer: a `transformers` tokenizer.
+
+    Returns:
+        The token id, or None when the tokenizer has no chat template, the template fails to render a user turn and a
+        reply, or it writes no special token after the reply.
+
+    Example:
+        >>> end_of_turn_token_id(AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"))  # doctest: +SKIP
+        2
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    reply = "Done."
+    try:
+        _, completion = _chat_prompt_and_completion(tokenizer, "Say done.", "", reply)
+    except Exception:  # any template that cannot render this probe has no end of turn we can read
+        return None
+    position = completion.find(reply)
+    if position < 0:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    special.update(
+        int(token_id)
+        for token_id, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+        if getattr(token, "special", False)
+    )
+    tail = _encode(tokenizer, [completion[position + len(reply) :]])
+    return next((token for token in (tail[0] if tail else []) if token in special), None)
 
 
 def load_instruction_dataset(
@@ -182,26 +261,36 @@ def load_instruction_dataset(
 
 
 def tokenize_for_training(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *, prompt_format: str = "alpaca"
 ) -> datasets.Dataset:
-    """Tokenize prompt + response for causal-LM training, with the loss on the response and EOS only.
+    """Tokenize prompt + response for causal-LM training, with the loss on the response and its end token only.
 
-    Each row is `[bos] + prompt + response + [eos]` (bos only if the tokenizer adds one by default), prompt and
-    response tokenized separately without special tokens, so the prompt/response boundary is exact for any tokenizer.
-    Labels are -100 over `[bos] + prompt` and equal the input ids elsewhere. Rows longer than `max_length` lose their
-    end; rows whose prompt alone fills `max_length` would have no supervised token and are dropped (with a warning
-    that gives the count).
+    Prompt and completion are tokenized separately without special tokens, so the boundary is exact for any tokenizer;
+    labels are -100 over the prompt and equal the input ids elsewhere.
+
+    * `alpaca`: each row is `[bos] + prompt + response + [eos]` with `build_prompt`'s prompt (bos only if the tokenizer
+      adds one by default).
+    * `chat`: the prompt is `format_prompt(..., prompt_format="chat")`, one user turn and the generation prompt; the
+      completion is what the template adds to it for the assistant reply, kept up to and including the last
+      `eos_token_id` in it (for ChatML: reply + "<|im_end|>", without the trailing "\\n"), or with `eos_token_id`
+      appended if it has none. The template writes any BOS itself.
+
+    Rows longer than `max_length` lose their end; rows whose prompt alone fills `max_length` would have no supervised
+    token and are dropped (with a warning that gives the count).
 
     Args:
         dataset: rows with instruction, input, output (and category, which is kept for partitioning clients).
-        tokenizer: a `transformers` tokenizer with an `eos_token_id`.
+        tokenizer: a `transformers` tokenizer with an `eos_token_id` (and a `chat_template` for `chat`).
         max_length: the most tokens a row keeps.
+        prompt_format: one of `PROMPT_FORMATS`: the paper's Alpaca template, or the tokenizer's chat template.
 
     Returns:
         A `datasets.Dataset` with columns input_ids, attention_mask, labels (and category), in the input's order.
 
     Raises:
-        ValueError: if a column is missing, the tokenizer has no EOS token, or `max_length` is not a positive int.
+        ValueError: if a column is missing, the tokenizer has no EOS token, `max_length` is not a positive int, the
+            prompt format is unknown, or for `chat` the tokenizer has no chat template or one whose reply render does
+            not start with its prompt render.
 
     Example:
         >>> from transformers import ByT5Tokenizer
@@ -210,6 +299,7 @@ def tokenize_for_training(
         >>> train.column_names
         ['input_ids', 'attention_mask', 'labels', 'category']
     """
+    _check_prompt_format(prompt_format)
     _check_max_length(max_length)
     _check_row_columns(dataset, ("instruction", "input", "output"), "tokenize_for_training")
     eos = tokenizer.eos_token_id
@@ -217,13 +307,21 @@ def tokenize_for_training(
         raise ValueError(
             "The tokenizer has no `eos_token_id`, so responses cannot be terminated; set `tokenizer.eos_token`."
         )
-    prefix = _bos_prefix(tokenizer)
+    chat = prompt_format == "chat"
+    if chat:
+        _check_chat_template(tokenizer)
+    prefix = [] if chat else _bos_prefix(tokenizer)
     keep_category = "category" in dataset.column_names
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        prompts = [build_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"], strict=True)]
-        prompt_ids = _encode(tokenizer, prompts)
-        response_ids = _encode(tokenizer, batch["output"])
+        rows_text = zip(batch["instruction"], batch["input"], batch["output"], strict=True)
+        if chat:
+            texts = [_chat_prompt_and_completion(tokenizer, i, x, y) for i, x, y in rows_text]
+            prompt_ids = _encode(tokenizer, [prompt for prompt, _ in texts])
+            response_ids = [_through_last_eos(ids, eos) for ids in _encode(tokenizer, [c for _, c in texts])]
+        else:
+            prompt_ids = _encode(tokenizer, [build_prompt(i, x) for i, x, _ in rows_text])
+            response_ids = [[*ids, eos] for ids in _encode(tokenizer, batch["output"])]
         rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
         if keep_category:
             rows["category"] = []
@@ -231,7 +329,7 @@ def tokenize_for_training(
             prompt = prefix + prompt
             if len(prompt) >= max_length:  # no room left for a single response token
                 continue
-            input_ids = (prompt + response + [eos])[:max_length]
+            input_ids = (prompt + response)[:max_length]
             rows["input_ids"].append(input_ids)
             rows["attention_mask"].append([1] * len(input_ids))
             rows["labels"].append([-100] * len(prompt) + input_ids[len(prompt) :])
@@ -259,23 +357,27 @@ def tokenize_for_training(
 
 
 def tokenize_for_generation(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *, prompt_format: str = "alpaca"
 ) -> datasets.Dataset:
     """Tokenize the prompts for generation, keeping the reference output text for scoring (e.g. Rouge-L).
 
-    Each row is `[bos] + prompt` (bos only if the tokenizer adds one by default). A longer prompt loses its start
-    (after the bos), since the end of the prompt ("### Response:") is what the model continues from.
+    Each row is the prompt of `format_prompt`: `[bos] + build_prompt(...)` for `alpaca` (bos only if the tokenizer
+    adds one by default), the chat template's user turn and generation prompt for `chat`. A longer prompt loses its
+    start (after a leading bos), since the end of the prompt ("### Response:", or the assistant header) is what the
+    model continues from.
 
     Args:
         dataset: rows with instruction, input, output (and category, which is kept).
-        tokenizer: a `transformers` tokenizer.
+        tokenizer: a `transformers` tokenizer (with a `chat_template` for `chat`).
         max_length: the most prompt tokens a row keeps.
+        prompt_format: one of `PROMPT_FORMATS`; use the one the model was trained with.
 
     Returns:
         A `datasets.Dataset` with columns input_ids, attention_mask, reference (and category), in the input's order.
 
     Raises:
-        ValueError: if a column is missing or `max_length` is not a positive int.
+        ValueError: if a column is missing, `max_length` is not a positive int, the prompt format is unknown, or for
+            `chat` the tokenizer has no chat template.
 
     Example:
         >>> from transformers import ByT5Tokenizer
@@ -284,15 +386,29 @@ def tokenize_for_generation(
         >>> test.column_names
         ['input_ids', 'attention_mask', 'reference', 'category']
     """
+    _check_prompt_format(prompt_format)
     _check_max_length(max_length)
     _check_row_columns(dataset, ("instruction", "input", "output"), "tokenize_for_generation")
-    prefix = _bos_prefix(tokenizer)[:max_length]
-    room = max_length - len(prefix)
+    chat = prompt_format == "chat"
+    if chat:
+        _check_chat_template(tokenizer)
+    prefix = [] if chat else _bos_prefix(tokenizer)
+    bos = tokenizer.bos_token_id
     keep_category = "category" in dataset.column_names
 
+    def keep_end(ids: list[int]) -> list[int]:
+        """The ids cut to max_length from the left, keeping a leading bos (ours, or the one the template wrote)."""
+        head = 1 if chat and bos is not None and ids[:1] == [bos] else 0
+        kept_prefix, body = (prefix + ids[:head])[:max_length], ids[head:]
+        room = max_length - len(kept_prefix)
+        return kept_prefix + body[max(len(body) - room, 0) :]
+
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        prompts = [build_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"], strict=True)]
-        input_ids = [prefix + ids[max(len(ids) - room, 0) :] for ids in _encode(tokenizer, prompts)]
+        prompts = [
+            format_prompt(i, x, tokenizer, prompt_format)
+            for i, x in zip(batch["instruction"], batch["input"], strict=True)
+        ]
+        input_ids = [keep_end(ids) for ids in _encode(tokenizer, prompts)]
         rows = {
             "input_ids": input_ids,
             "attention_mask": [[1] * len(ids) for ids in input_ids],
@@ -347,6 +463,59 @@ def training_collator(
     return DataCollatorForSeq2Seq(
         tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
     )
+
+
+def _check_prompt_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"Unknown prompt_format={prompt_format!r}; pass one of: {', '.join(PROMPT_FORMATS)}.")
+
+
+def _check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"prompt_format='chat' needs a chat template, and the tokenizer ({type(tokenizer).__name__}) has no chat "
+            "template; use `prompt_format: alpaca`, or set `tokenizer.chat_template` to a Jinja template."
+        )
+
+
+def _user_turn(instruction: str, input: str) -> dict[str, str]:
+    """The one user message of a row: the instruction, then a blank line and the input when the input has text."""
+    return {"role": "user", "content": f"{instruction}\n\n{input}" if input.strip() else instruction}
+
+
+def _render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _chat_prompt_and_completion(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, input: str, output: str
+) -> tuple[str, str]:
+    """(prompt, completion) texts: the user turn with the generation prompt, and what the assistant reply adds to it."""
+    user = _user_turn(instruction, input)
+    prompt = _render_chat(tokenizer, [user], add_generation_prompt=True)
+    full = _render_chat(tokenizer, [user, {"role": "assistant", "content": output}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        differ = next(
+            (position for position, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b),
+            min(len(prompt), len(full)),
+        )
+        raise ValueError(
+            "The tokenizer's chat template renders the conversation with the assistant's reply so that it does not "
+            "start with the prompt it renders with add_generation_prompt=True, so the prompt/reply boundary is "
+            f"undefined (they differ at character {differ}: prompt {prompt[differ : differ + 40]!r}, with reply "
+            f"{full[differ : differ + 40]!r}); use `prompt_format: alpaca`, or set `tokenizer.chat_template` to a "
+            "template whose generation prompt is a prefix of the rendered reply."
+        )
+    return prompt, full[len(prompt) :]
+
+
+def _through_last_eos(ids: list[int], eos: int) -> list[int]:
+    """A completion's ids up to and including its last EOS (the end of turn), or with EOS appended if it has none."""
+    if eos not in ids:
+        return [*ids, eos]
+    return ids[: len(ids) - ids[::-1].index(eos)]
 
 
 def _as_names(names: Iterable[str] | str | None, option: str) -> list[str] | None:

@@ -123,6 +123,8 @@ def save_kseed_delta(
     base_model: str | None = None,
     base_model_revision: str | None = None,
     base_model_source: str | None = None,
+    base_model_gguf_file: str | None = None,
+    base_model_gguf_sha256: str | None = None,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write `kseed_delta.safetensors` (the float64 accumulators) and `kseed_config.json` into `save_directory`.
@@ -137,7 +139,10 @@ def save_kseed_delta(
         base_weights_sha256: `base_weights_sha256(model)` taken before training.
         base_model: Hub id or path of the base model (or of its config for a model built from scratch).
         base_model_revision: the base's revision on the Hub.
-        base_model_source: `"hub"`, `"local"` or `"config"` (random weights from a config: only the hash pins them).
+        base_model_source: `"hub"`, `"local"`, `"config"` (random weights from a config: only the hash pins them), or
+            `"gguf-local"`, `"gguf-hub"`, `"gguf-package"` (a GGUF file dequantized by `hf_fedkseed.bases`).
+        base_model_gguf_file: the GGUF file's name inside `base_model`, for a GGUF base.
+        base_model_gguf_sha256: the GGUF file's sha256 (`hf_fedkseed.bases.gguf_sha256`), for a GGUF base.
         training: a JSON-serialisable training summary stored under `training`.
 
     Returns:
@@ -192,6 +197,8 @@ def save_kseed_delta(
         "base_model": base_model,
         "base_model_revision": base_model_revision,
         "base_model_source": base_model_source,
+        "base_model_gguf_file": base_model_gguf_file,
+        "base_model_gguf_sha256": base_model_gguf_sha256,
         "base_weights_sha256": base_weights_sha256,
         "engine": engine.name,
         "engine_version": engine.version,
@@ -441,10 +448,16 @@ def apply_kseed(
             raise ValueError(f"Parameter `{name}` is not contiguous; call `.contiguous()` on it first.")
     base_hash = base_weights_sha256(model)
     if base_hash != config["base_weights_sha256"]:
+        gguf = ""
+        if config.get("base_model_gguf_file"):
+            gguf = (
+                f", GGUF file {config['base_model_gguf_file']!r} with {config.get('base_model_gguf_sha256')}, loaded "
+                "with `hf_fedkseed.bases.load_base_model`"
+            )
         raise ValueError(
             f"This model is not the base the delta was trained from: its weights hash to {base_hash} but the delta "
             f"records {config['base_weights_sha256']} (base {config.get('base_model')!r}, revision "
-            f"{config.get('base_model_revision')!r}). Load exactly that base, freshly (no other delta applied)."
+            f"{config.get('base_model_revision')!r}{gguf}). Load exactly that base, freshly (no other delta applied)."
         )
     coefficients = (-delta.accumulators).tolist()
     if not all(math.isfinite(value) for value in coefficients):  # load_kseed_delta checks it; a KSeedDelta may not

