@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -22,38 +23,17 @@ def cap_rows(dataset, limit: int | None, seed: int):
 
 
 def load_tokenizer(model_args):
-    """The tokenizer: `byt5` is the file-free byte-level one; anything else loads with AutoTokenizer."""
-    from transformers import AutoTokenizer, ByT5Tokenizer
+    """The tokenizer of the base (`hf_fedkseed.bases.load_base_tokenizer`): `byt5`, a Hub id, a directory or a GGUF."""
+    from .bases import load_base_tokenizer
 
-    name = model_args.tokenizer_name or model_args.model_name_or_path
-    if name == "byt5":
-        tokenizer = ByT5Tokenizer()
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_base_tokenizer(model_args)
 
 
 def load_model(model_args, *, seed: int, vocab_size: int | None = None):
-    """The causal LM: loaded from the Hub or a directory, or built from its config with seeded random weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The causal LM (`hf_fedkseed.bases.load_base_model`): from the Hub, a directory or a GGUF, or a seeded config."""
+    from .bases import load_base_model
 
-    dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    if model_args.from_scratch:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-        if vocab_size is not None and config.vocab_size < vocab_size:
-            raise ValueError(
-                f"The model config has vocab_size={config.vocab_size} but the tokenizer has {vocab_size} tokens; "
-                "raise `vocab_size` in the config or use a matching tokenizer."
-            )
-        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's global RNG
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype)
-        return model
-    return AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype
-    )
+    return load_base_model(model_args, seed=seed, vocab_size=vocab_size)
 
 
 @torch.no_grad()
@@ -79,17 +59,40 @@ def held_out_loss(model, rows, collator, batch_size: int) -> float | None:
     return total / max(count, 1)
 
 
-def plot_rounds(rounds: list[dict], path: Path) -> None:
-    """`training.png`: the mean local training loss and the bytes per client of every round."""
+def plot_rounds(rounds: list[dict], path: Path, evaluations: list[dict] | None = None) -> None:
+    """`training.png`: training loss per round, held-out Rouge-L and loss against the round and against the cumulative
+    bytes per client (the paper's accuracy-against-communication view), and the traffic of every round.
+
+    Args:
+        rounds: the round records (`rounds.jsonl`).
+        path: where to write the PNG.
+        evaluations: held-out evaluations, each with `round` (rounds done), `bytes_per_client` (cumulative),
+            `rougeL` and `eval_loss`; the panels that need them are left out when there are none.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evaluations = [entry for entry in evaluations or [] if entry.get("rougeL") is not None]
     numbers = [entry["round"] + 1 for entry in rounds]
-    figure, (loss_axis, bytes_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.2)) if evaluations else plt.subplots(1, 2, figsize=(10, 3.6))
+    axes = list(axes.flat)
+    loss_axis, bytes_axis = axes[0], axes[-1]
     loss_axis.plot(numbers, [entry["train_loss"] for entry in rounds], marker="o")
-    loss_axis.set(xlabel="round", ylabel="mean local training loss", title="Loss per round")
+    loss_axis.set(xlabel="round", ylabel="mean local training loss", title="Training loss per round")
+    if evaluations:
+        views = ((axes[1], "round", "rounds done"), (axes[2], "bytes_per_client", "cumulative bytes per client"))
+        for axis, key, label in views:
+            xs = [entry[key] for entry in evaluations]
+            axis.plot(xs, [100 * entry["rougeL"] for entry in evaluations], marker="o", color="tab:blue")
+            axis.set(xlabel=label, ylabel="held-out Rouge-L (%)", title=f"Held-out Rouge-L and loss vs {label}")
+            axis.tick_params(axis="y", labelcolor="tab:blue")
+            if all(entry.get("eval_loss") is not None for entry in evaluations):
+                twin = axis.twinx()
+                twin.plot(xs, [entry["eval_loss"] for entry in evaluations], marker="s", color="tab:red")
+                twin.set_ylabel("held-out loss", color="tab:red")
+                twin.tick_params(axis="y", labelcolor="tab:red")
     bytes_axis.bar(numbers, [entry["bytes_down"] / len(entry["clients"]) for entry in rounds], label="down")
     bytes_axis.bar(
         numbers,
@@ -103,6 +106,107 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+class HeldOutEvaluation:
+    """Held-out Rouge-L (greedy generation) and loss of the model, recorded with the rounds and bytes before them.
+
+    Every call appends a record `{round, bytes_per_client, rougeL, eval_loss, seconds}` to `records`; the first and
+    the latest generations are kept for `predictions.jsonl`.
+
+    Args:
+        model, tokenizer: the model being tuned and its tokenizer.
+        eval_rows: prompts for generation (`tokenize_for_generation`), with `reference` (and `category`).
+        loss_rows: the same rows for teacher-forced loss (`tokenize_for_training`).
+        collator: the training collator.
+        max_new_tokens, batch_size: generation settings.
+    """
+
+    def __init__(self, model, tokenizer, eval_rows, loss_rows, collator, *, max_new_tokens: int, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.eval_rows, self.loss_rows, self.collator = eval_rows, loss_rows, collator
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.records: list[dict] = []
+        self.first: dict | None = None
+        self.latest: dict | None = None
+
+    def __call__(self, rounds_done: int, bytes_per_client: float) -> dict:
+        from .evaluation import evaluate_rouge_l
+
+        started = time.perf_counter()
+        result = None
+        if len(self.eval_rows):
+            result = evaluate_rouge_l(
+                self.model,
+                self.tokenizer,
+                self.eval_rows,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+                return_predictions=True,
+            )
+        loss = held_out_loss(self.model, self.loss_rows, self.collator, self.batch_size)
+        record = {
+            "round": rounds_done,
+            "bytes_per_client": bytes_per_client,
+            "rougeL": None if result is None else result["rougeL"],
+            "eval_loss": loss,
+            "seconds": time.perf_counter() - started,
+        }
+        self.records.append(record)
+        if result is not None:
+            self.latest = result
+            self.first = self.first or result
+        logger.info(
+            "held-out after %d round(s): Rouge-L %s, loss %s",
+            rounds_done,
+            "n/a" if record["rougeL"] is None else f"{100 * record['rougeL']:.2f}",
+            "n/a" if loss is None else f"{loss:.4f}",
+        )
+        return record
+
+    def write_predictions(self, path: Path) -> None:
+        """`predictions.jsonl`: per held-out row, the prompt, the reference and the generations before and after."""
+        from .evaluation import rouge_l
+
+        if self.first is None or self.latest is None:
+            return
+        categories = self.eval_rows["category"] if "category" in self.eval_rows.column_names else None
+        with path.open("w", encoding="utf-8") as handle:
+            for index, row in enumerate(self.eval_rows):
+                before, after = self.first["predictions"][index], self.latest["predictions"][index]
+                line = {
+                    "category": None if categories is None else categories[index],
+                    "prompt": self.tokenizer.decode(row["input_ids"]),
+                    "reference": row["reference"],
+                    "before": before,
+                    "after": after,
+                    "rougeL_before": rouge_l(before, row["reference"]),
+                    "rougeL_after": rouge_l(after, row["reference"]),
+                }
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def _cumulative_bytes_per_client(history: list[dict]) -> float:
+    return float(sum(entry["bytes_per_client"] for entry in history))
+
+
+class RoundEvaluationCallback(TrainerCallback):
+    """Runs a `HeldOutEvaluation` on the aggregated model after every `every` rounds.
+
+    The last round is left to the caller, which evaluates after training. Add it to the Trainer after the federated
+    callback, whose round end moves the model to the round's aggregate first.
+    """
+
+    def __init__(self, evaluation: HeldOutEvaluation, federated, optimizer, *, every: int, rounds: int):
+        self.evaluation, self.federated, self.optimizer = evaluation, federated, optimizer
+        self.every, self.rounds = every, rounds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = len(self.federated.history)
+        due = done and done % self.every == 0 and done < self.rounds
+        if due and all(record["round"] != done for record in self.evaluation.records):
+            self.optimizer.eval()  # no armed ZO forward: these forwards only measure
+            self.evaluation(done, _cumulative_bytes_per_client(self.federated.history))
 
 
 def run_training(model_args, data_args, zo_args, federated_config, training_args) -> dict:
@@ -119,7 +223,6 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
     from .baselines.setup import BASELINE_METHODS, prepare_baseline
     from .callback import FederatedCallback
     from .data import load_instruction_dataset, tokenize_for_generation, tokenize_for_training, training_collator
-    from .evaluation import evaluate_rouge_l
     from .optimizer import KSeedZOOptimizer
 
     started = time.perf_counter()
@@ -136,28 +239,24 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         max_samples_per_task=data_args.max_samples_per_task,
         seed=training_args.seed,
     )
-    train_rows = tokenize_for_training(data["train"], tokenizer, data_args.max_length)
+    train_rows = tokenize_for_training(
+        data["train"], tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
+    )
     test = cap_rows(data["test"], data_args.max_eval_samples, training_args.seed)
-    eval_rows = tokenize_for_generation(test, tokenizer, data_args.max_length)
-    loss_rows = tokenize_for_training(test, tokenizer, data_args.max_length)
+    eval_rows = tokenize_for_generation(test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format)
+    loss_rows = tokenize_for_training(test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format)
     collator = training_collator(tokenizer)
 
-    def rouge() -> dict:
-        return evaluate_rouge_l(
-            model,
-            tokenizer,
-            eval_rows,
-            max_new_tokens=data_args.max_new_tokens,
-            batch_size=training_args.per_device_eval_batch_size,
-        )
-
-    before = rouge() if len(eval_rows) else None
-    loss_before = held_out_loss(model, loss_rows, collator, training_args.per_device_eval_batch_size)
-    logger.info(
-        "before tuning: Rouge-L %s, held-out loss %s",
-        None if before is None else round(before["rougeL"], 4),
-        loss_before,
+    evaluation = HeldOutEvaluation(
+        model,
+        tokenizer,
+        eval_rows,
+        loss_rows,
+        collator,
+        max_new_tokens=data_args.max_new_tokens,
+        batch_size=training_args.per_device_eval_batch_size,
     )
+    evaluation(0, 0.0)  # the untuned base
 
     method = getattr(federated_config, "method", None) or ("fedkseed_pro" if federated_config.pro else "fedkseed")
     if method in BASELINE_METHODS:  # fedzo, fedit, fedavg: the comparison methods (hf_fedkseed.baselines)
@@ -171,6 +270,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             training_args=training_args,
         )
         model, optimizer, federated = baseline.model, baseline.optimizer, baseline.federated
+        evaluation.model = model  # FedIT evaluates through its LoRA wrapper
     else:
         optimizer = KSeedZOOptimizer(
             model,
@@ -197,25 +297,30 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         callbacks=[federated, artifacts],
     )
     federated.move_before_reporters(trainer)  # so `report_to` integrations receive the round records
+    if data_args.eval_every_rounds:  # after the federated callback, so it sees each round's aggregate
+        trainer.add_callback(
+            RoundEvaluationCallback(
+                evaluation, federated, optimizer, every=data_args.eval_every_rounds, rounds=federated_config.rounds
+            )
+        )
     train_started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_started
 
-    after = rouge() if len(eval_rows) else None
-    loss_after = held_out_loss(model, loss_rows, collator, training_args.per_device_eval_batch_size)
-    logger.info(
-        "after tuning: Rouge-L %s, held-out loss %s", None if after is None else round(after["rougeL"], 4), loss_after
-    )
+    history = federated.history
+    periodic_seconds = sum(record["seconds"] for record in evaluation.records[1:])
+    evaluation(len(history), _cumulative_bytes_per_client(history))
+    first, last = evaluation.records[0], evaluation.records[-1]
+    before, after = evaluation.first, evaluation.latest
 
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    history = federated.history
     total_bytes = sum(entry["bytes_up"] + entry["bytes_down"] for entry in history)
     results = {
-        "rougeL_before": None if before is None else before["rougeL"],
-        "rougeL_after": None if after is None else after["rougeL"],
-        "eval_loss_before": loss_before,
-        "eval_loss_after": loss_after,
+        "rougeL_before": first["rougeL"],
+        "rougeL_after": last["rougeL"],
+        "eval_loss_before": first["eval_loss"],
+        "eval_loss_after": last["eval_loss"],
         "per_category_before": None if before is None else before.get("per_category"),
         "per_category_after": None if after is None else after.get("per_category"),
         "num_eval_samples": len(eval_rows),
@@ -230,11 +335,14 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             sum(entry["bytes_per_client"] for entry in history) / len(history) if history else 0
         ),
         "total_bytes": total_bytes,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds - periodic_seconds,  # the evaluations between rounds are not training
+        "eval_seconds": sum(record["seconds"] for record in evaluation.records),
         "total_seconds": time.perf_counter() - started,
+        "evaluations": evaluation.records,
     }
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    evaluation.write_predictions(output_dir / "predictions.jsonl")
     if history:
-        plot_rounds(history, output_dir / "training.png")
+        plot_rounds(history, output_dir / "training.png", evaluation.records)
     artifacts.finish(trainer, results)  # kseed_config.json, kseed_delta.safetensors, README.md; the push if asked
     return results

@@ -23,7 +23,7 @@ from hf_fedkseed.configs import ModelArguments, RecipeError, ZOArguments, parse_
 from hf_fedkseed.federated.server import KSeedServer
 
 NUM_TASKS = 4
-RECIPE = "recipes/quickstart.yaml"
+RECIPE = "recipes/smoke.yaml"
 
 
 def task_dataset(rows_per_task=(3, 5, 4, 6), seq_len: int = 8) -> Dataset:

@@ -110,7 +110,7 @@ def test_quickstart_end_to_end_with_a_short_override(tmp_path, monkeypatch, caps
     code = main(
         [
             "train",
-            "recipes/quickstart.yaml",
+            "recipes/smoke.yaml",
             "--rounds",
             "2",
             "--local_steps",

@@ -19,7 +19,7 @@ from hf_fedkseed.flower.client_app import handle_query, handle_train
 from hf_fedkseed.flower.server_app import run_round
 from hf_fedkseed.flower.task import FederatedTask, FlowerConfig
 
-RECIPE = "recipes/quickstart.yaml"
+RECIPE = "recipes/smoke.yaml"
 OVERRIDES = ["--rounds", "2", "--local_steps", "3", "--max_length", "320", "--num_seeds", "64", "--pro", "false"]
 
 

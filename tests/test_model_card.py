@@ -129,7 +129,7 @@ def test_a_baseline_card_has_no_delta_section(tmp_path):
 
 def test_a_config_built_base_is_named_by_its_config_and_hash(delta_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
-    model_args, data_args, zo_args, federated_config, training_args = parse_recipe("recipes/quickstart.yaml")
+    model_args, data_args, zo_args, federated_config, training_args = parse_recipe("recipes/smoke.yaml")
     summary = run_summary(model_args, data_args, zo_args, federated_config, training_args)
     assert summary["base_model_source"] == "config" and summary["method"] == "fedkseed_pro"
     card = render_model_card(summary, delta_config={"base_weights_sha256": "sha256:abc", "seed": 42})
@@ -137,7 +137,7 @@ def test_a_config_built_base_is_named_by_its_config_and_hash(delta_dir, monkeypa
     assert card.data.base_model is None and card.data.datasets is None  # local paths are not Hub ids
     assert "built from the config `hf_fedkseed/resources/tiny-llama` with random weights (seed 42)" in text
     assert "`hf_fedkseed/resources/quickstart` (natural_instructions format)" in text
-    assert 'from_pretrained("quickstart")' in text  # no hub_model_id: the output directory's name
+    assert 'from_pretrained("smoke")' in text  # no hub_model_id: the output directory's name
     assert "torch.manual_seed(42)" in text and "AutoConfig.from_pretrained(" in text
     assert "No evaluation was recorded" in text
 

@@ -13,7 +13,7 @@ RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
 
 def test_the_recipes_are_there():
-    assert {path.stem for path in RECIPES} >= {"alpaca", "natural_instructions", "dolly", "quickstart"}
+    assert {path.stem for path in RECIPES} >= {"alpaca", "natural_instructions", "dolly", "quickstart", "smoke"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
@@ -22,7 +22,7 @@ def test_recipe_parses_and_documents_its_command(recipe):
     assert f"hf-fedkseed train recipes/{recipe.name}" in recipe.read_text()  # the header gives the exact command
     assert federated.rounds >= 1 and federated.local_steps >= 1
     assert training.max_grad_norm == 0.0 and training.report_to in ([], ["none"], "none", None)
-    if recipe.stem != "quickstart":  # the paper's settings
+    if recipe.stem not in ("quickstart", "smoke"):  # the paper's settings
         assert model_args.model_name_or_path == "datajuicer/LLaMA-1B-dj-refine-150B"
         assert (zo_args.num_seeds, zo_args.zo_eps, training.learning_rate) == (4096, 5e-4, 3e-7)
         assert (federated.local_steps, federated.client_fraction) == (200, 0.05)
