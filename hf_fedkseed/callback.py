@@ -73,11 +73,20 @@ class FederatedConfig:
     )
     pro: bool = field(default=False, metadata={"help": "FedKSeed-Pro: sample seeds by their importance."})
     pro_clip: float = field(default=DEFAULT_PRO_CLIP, metadata={"help": "Clip of |g| in Pro importance."})
-    aggregation: Literal["samples", "equal"] = field(
-        default="samples", metadata={"help": f"Client weights: one of {AGGREGATIONS}."}
+    aggregation: Literal["samples", "equal", "trimmed_mean", "median", "norm_bound"] = field(
+        default="samples",
+        metadata={
+            "help": f"How client updates combine: one of {AGGREGATIONS}. samples/equal: weighted means (sample "
+            "counts the server knows, or equal); trimmed_mean/median: robust per-seed statistics; norm_bound: "
+            "samples with each client clipped to the round's median norm. All cost O(K x clients) scalars."
+        },
     )
     max_abs_scalar: float | None = field(
-        default=None, metadata={"help": "Reject client updates holding a |lr*g| above this bound."}
+        default=None,
+        metadata={
+            "help": "Optional absolute bound: reject client updates holding a |lr*g| above it (the scale-free "
+            "outlier screening and a sanity bound always apply)."
+        },
     )
     undo: Literal["snapshot", "replay"] = field(
         default="snapshot", metadata={"help": f"How local drift is undone: one of {UNDO_MODES}."}
@@ -454,7 +463,7 @@ class FederatedCallback(RoundScheduleCallback):
         client_id = record["clients"][self._client_index]
         weight = 0.0
         try:
-            num_samples = len(self.partition.clients[client_id])
+            num_samples = len(self.partition.clients[client_id])  # known to the runtime, never taken from a client
             update = self.client.build_update(
                 server_round=record["round"], client_id=client_id, num_samples=num_samples, pro=self.config.pro
             )
@@ -467,10 +476,12 @@ class FederatedCallback(RoundScheduleCallback):
                 seed_indices=received.seed_indices,
                 scalars=received.scalars,
                 projected_grads=received.projected_grads,
+                server_round=received.server_round,
+                num_seeds=received.num_seeds,
             )
             record["updates"].append(client_update)
             if self.server.check_update(record["round"], client_update) is None:
-                weight = self.server.client_weight(received.num_samples)
+                weight = self.server.client_weight(num_samples)
                 record["aggregated"][client_id] = weight
         except Exception as error:  # a failing client is left out of this round; the round goes on
             record["failed"][client_id] = f"{type(error).__name__}: {error}"
@@ -482,16 +493,17 @@ class FederatedCallback(RoundScheduleCallback):
 
     def _end_round(self, round_index: int) -> None:
         record = self._round
-        result = self.server.aggregate(round_index, record["updates"])
+        sample_counts = {client_id: len(self.partition.clients[client_id]) for client_id in record["clients"]}
+        result = self.server.aggregate(round_index, record["updates"], sample_counts=sample_counts)
         for client_id, reason in result.rejected.items():
             logger.warning("Round %d: update of client %d rejected: %s", round_index, client_id, reason)
         sync = self._sync_message(round_index + 1, schedule=None)
         aggregated = record["aggregated"]
-        if self.config.undo == "snapshot" and result.accepted and sorted(aggregated) == result.accepted:
+        if self.config.undo == "snapshot" and self._same_weights(aggregated, result):
             # The weighted sum of the accepted clients' weight changes is the round's update: apply it in one pass
             # instead of replaying every touched seed.
             self.client.commit_aggregate(sync, scale=1.0 / sum(aggregated.values()))
-        else:
+        else:  # a robust statistic, a clipped client or a client screened out: replay the server's accumulators
             self.client.catch_up(sync)
         self.optimizer.accumulators = self.client.synced.clone()
         clients = len(record["clients"])
@@ -501,6 +513,9 @@ class FederatedCallback(RoundScheduleCallback):
             "accepted": result.accepted,
             "failed": sorted(record["failed"]),
             "rejected": sorted(result.rejected),
+            "reasons": {str(client_id): result.rejected[client_id] for client_id in sorted(result.rejected)},
+            "weighting": result.weighting,
+            "clipped": {str(client_id): factor for client_id, factor in sorted(result.clipped.items())},
             "train_loss": sum(record["losses"]) / max(len(record["losses"]), 1),
             "bytes_up": record["bytes_up"],
             "bytes_down": record["bytes_down"],
@@ -530,6 +545,15 @@ class FederatedCallback(RoundScheduleCallback):
             entry["seconds"],
         )
         self._round = None
+
+    @staticmethod
+    def _same_weights(aggregated: dict[int, float], result) -> bool:
+        """Whether the clients' running aggregate holds exactly the server's round: same clients, same weights."""
+        if not result.accepted or not result.linear or sorted(aggregated) != result.accepted:
+            return False
+        total = sum(aggregated.values())
+        weights = result.weights.items()
+        return all(abs(aggregated[client_id] / total - weight) <= 1e-12 * weight for client_id, weight in weights)
 
     def _sync_message(self, round_index: int, schedule: torch.Tensor | None) -> SyncMessage:
         return SyncMessage.build(

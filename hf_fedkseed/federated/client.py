@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,8 +81,10 @@ class KSeedClient:
         """Move the weights to the accumulators `sync` carries; returns how many seeds were replayed.
 
         Raises:
-            RuntimeError: during local training (undo the local steps first).
-            ValueError: if the message is for another K or does not apply to this client's state.
+            RuntimeError: during local training (undo the local steps first), or if the replay overflowed the
+                model's dtype (accumulators far beyond any honest run; the server bounds them).
+            ValueError: if the message is for another K, does not apply to this client's state, or would give
+                non-finite accumulators (refused before any weight changes).
         """
         if self._in_local:
             raise RuntimeError("catch_up() during local training; call end_local() first.")
@@ -89,12 +92,24 @@ class KSeedClient:
             raise ValueError(f"The sync message is for K={sync.num_seeds} seeds but this client has {self.num_seeds}.")
         target = sync.apply_to(self.synced, client_round=self.synced_round)
         changed = (target != self.synced).nonzero().flatten()
+        coefficients = -(target[changed] - self.synced[changed])
+        if not (torch.isfinite(target).all() and torch.isfinite(coefficients).all()):
+            raise ValueError("The sync message would give non-finite accumulators; refused, the weights are unchanged.")
         if changed.numel():
-            coefficients = -(target[changed] - self.synced[changed])
             self.engine.replay_(self.named_params, self.seed_pool[changed].tolist(), coefficients.tolist())
+            self._check_finite("catch_up()")
         self.synced = target
         self.synced_round = sync.server_round
         return changed.numel()
+
+    def _check_finite(self, where: str) -> None:
+        """Fail loudly, naming the parameter, if a weight is NaN or inf (one pass over the weights, no copy)."""
+        for name, param in self.named_params:
+            if not bool(torch.isfinite(param).all()):
+                raise RuntimeError(
+                    f"{where} left a non-finite weight in `{name}`: the accumulators overflow the model's dtype "
+                    f"{param.dtype}; the server's bounds exist to prevent this (check `max_abs_scalar`)."
+                )
 
     def begin_local(self) -> None:
         """Start a client's local training from `w(synced)`."""
@@ -182,9 +197,19 @@ class KSeedClient:
         """
         if self._in_local or self._aggregate is None or self._snapshot is None:
             raise RuntimeError("commit_aggregate() needs a finished round in snapshot mode.")
-        for total, buffer, (_, param) in zip(self._aggregate, self._snapshot, self.named_params, strict=True):
-            param.copy_(buffer.add(total, alpha=scale))
-        self.synced = sync.apply_to(self.synced, client_round=self.synced_round)
+        target = sync.apply_to(self.synced, client_round=self.synced_round)
+        if not (math.isfinite(scale) and torch.isfinite(target).all()):
+            raise ValueError("commit_aggregate() would give non-finite accumulators; refused, weights unchanged.")
+        # The new weights are formed in the aggregate's host buffers (reset next round anyway) and all checked
+        # before any is written, so NaN or inf never reaches the model.
+        for total, buffer, (name, param) in zip(self._aggregate, self._snapshot, self.named_params, strict=True):
+            torch.add(buffer, total, alpha=scale, out=total)
+            if not bool(torch.isfinite(total.to(param.dtype)).all()):
+                self.reset_aggregate()
+                raise RuntimeError(f"commit_aggregate() would write a non-finite weight in `{name}`; refused.")
+        for total, (_, param) in zip(self._aggregate, self.named_params, strict=True):
+            param.copy_(total)
+        self.synced = target
         self.synced_round = sync.server_round
 
     def state_dict(self) -> dict:

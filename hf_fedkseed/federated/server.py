@@ -1,11 +1,11 @@
-"""The FedKSeed server: seeded client selection, validated weighted aggregation into K accumulators, Pro sampling."""
+"""The FedKSeed server: seeded client selection, validated robust aggregation into K accumulators, Pro sampling."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +13,35 @@ import torch
 from ..perturbation import _splitmix64
 from ..zo import make_seed_pool
 
-AGGREGATIONS = ("samples", "equal")
+# How the accepted updates are combined. "samples" and "equal" are the official code's weighted means; the robust
+# choices cost O(K x clients) scalar operations per round, nothing next to one forward pass of the model.
+AGGREGATIONS = ("samples", "equal", "trimmed_mean", "median", "norm_bound")
+# Which weights a round used (`AggregationResult.weighting`): counts the runtime knows (the partition sizes), the
+# clients' claimed counts capped at COUNT_CAP_FACTOR x the round's median claim, or one share each.
+WEIGHTINGS = ("known_counts", "capped", "equal")
+# Scale-free screening needs a majority to compare against: with fewer clients holding a non-zero update, either of
+# two could be the outlier, so only the absolute bounds below apply.
+MIN_CLIENTS_TO_COMPARE = 3
+# A client whose largest |scalar| exceeds this many times the round's median client maximum is rejected. Honest
+# clients share the model, the learning rate and the loss scale, so their maxima agree within a few times even on
+# non-iid shards; 10x leaves room for that and still stops absurd per-step values (including ones that cancel inside
+# one seed and so would not show in the norm below).
+OUTLIER_SCALAR_FACTOR = 10.0
+# Each client's vector of per-seed coefficients is clipped to this many times the round's median client norm. Honest
+# clients draw different seeds, so their vectors are near-orthogonal and an honest round of m clients moves about
+# sqrt(m) N / m (N: the median norm). An attacker clipped to c N, even aligned with the honest sum, moves it at most
+# (sqrt(m - 1) + c) N / m, i.e. (sqrt(m - 1) + c) / sqrt(m) times as far: with c = 2 that is <= 1.97 for every m >= 3
+# (1.79 for m = 5), the "at most 2x an honest round" guarantee. `norm_bound` aggregation clips at 1x instead.
+OUTLIER_NORM_FACTOR = 2.0
+# Without known counts, a client's claimed sample count is capped at this many times the round's median claim.
+COUNT_CAP_FACTOR = 4.0
+# `trimmed_mean` drops this share of the values of a seed at each end (rounded down: nothing below 5 clients).
+TRIM_FRACTION = 0.2
+# Absolute sanity bounds, for what nothing can be compared with (a round of one or two clients). An honest |lr * g| is
+# around 1e-7 .. 1e-2; 1e3 per step is absurd for any model yet keeps `w0 - sum_j A_j z_j` far inside float32 and
+# bfloat16 range, as does an accumulator bound of 1e6 (every |A_j| <= 1e6, z ~ N(0, 1)).
+SANITY_MAX_ABS_SCALAR = 1e3
+SANITY_MAX_ABS_ACCUMULATOR = 1e6
 # The official FedKSeed code's `--bias_loss_clip` default: |g| beyond it counts as this much in Pro importance.
 DEFAULT_PRO_CLIP = 1000.0
 # The official code's `--grad_initial` default: every seed's gradient history starts with this one entry.
@@ -45,6 +73,9 @@ class ClientUpdate:
         scalars: `lr_t * g_t` of each local step: what the step added to the client's `accumulators[idx_t]`.
         projected_grads: `g_t` of each local step, the statistic of FedKSeed-Pro; needed when the server has
             `pro=True`, optional (but checked when given) otherwise.
+        server_round: the round the client answers (an `UpdateMessage`'s header); when set it must be the round
+            being aggregated, so a replayed update of an earlier round is rejected. The runtimes always set it.
+        num_seeds: the K of the client's header; when set it must be the server's K.
 
     Example:
         >>> ClientUpdate(client_id=3, num_samples=120, seed_indices=[7, 7, 12], scalars=[1e-6, -2e-6, 5e-7])
@@ -55,6 +86,8 @@ class ClientUpdate:
     seed_indices: Sequence[int] | torch.Tensor
     scalars: Sequence[float] | torch.Tensor
     projected_grads: Sequence[float] | torch.Tensor | None = None
+    server_round: int | None = None
+    num_seeds: int | None = None
 
 
 @dataclass
@@ -95,6 +128,12 @@ class AggregationResult:
         weights: `{client_id: w_c}` of the accepted clients (they sum to one when any was accepted).
         seeds_touched: how many distinct seed indices the accepted updates used.
         delta: the change of the accumulators: `new = old + delta.to_dense(K)`, over the touched seeds.
+        weighting: which weights were used: "known_counts" (counts the runtime passed), "capped" (the clients'
+            claimed counts, capped) or "equal".
+        clipped: `{client_id: factor}` of the accepted clients whose coefficient vector was scaled down by the
+            norm bound (factor < 1).
+        linear: True when `delta = sum_c weights[c] * (the client's per-seed sums)` exactly (a weighted mean without
+            clipping), so a runtime may apply the round as the weighted sum of the clients' weight changes.
 
     Example:
         >>> result = server.aggregate(0, updates)
@@ -108,6 +147,9 @@ class AggregationResult:
     weights: dict[int, float]
     seeds_touched: int
     delta: SparseVector = field(repr=False)
+    weighting: str = "equal"
+    clipped: dict[int, float] = field(default_factory=dict)
+    linear: bool = True
 
 
 @dataclass
@@ -117,6 +159,10 @@ class _CheckedUpdate:
     seed_indices: torch.Tensor  # int64
     scalars: torch.Tensor  # float64
     projected_grads: torch.Tensor | None  # float64
+
+    def coefficients(self, num_seeds: int) -> torch.Tensor:
+        """The client's per-seed sums of its scalars: what its steps added to each accumulator (float64, K)."""
+        return torch.zeros(num_seeds, dtype=torch.float64).index_add_(0, self.seed_indices, self.scalars)
 
 
 class KSeedServer:
@@ -129,10 +175,13 @@ class KSeedServer:
     1. selects clients with `select_clients(round)`: seeded, without replacement, and stateless: round r's
        selection comes from a private generator seeded from `(seed, r)` only, so it is the same whatever was
        called before (a resumed run, or a second runtime, picks the same clients);
-    2. aggregates their `ClientUpdate`s with `aggregate(round, updates)`: each update is validated in full first
-       and an invalid one is rejected with its reason without touching the state; the valid ones add
-       `A_j += sum_c w_c * sum_{t: idx_t = j} scalar_{c,t}` with `w_c = n_c / sum(n)` ("samples") or `1 / m`
-       ("equal") over the valid updates, in ascending client id order (arrival order does not matter);
+    2. aggregates their `ClientUpdate`s with `aggregate(round, updates, sample_counts=...)`: nothing a client
+       sends is trusted. Each update is validated in full first (selection, round, K, finite and bounded scalars)
+       and an invalid one is rejected with its reason without touching the state; with three or more clients the
+       round screens them against each other (scalar outliers rejected, long coefficient vectors clipped to a
+       multiple of the median norm); the accepted ones add `A_j += sum_c w_c * sum_{t: idx_t = j} scalar_{c,t}`
+       with `w_c = n_c / sum(n)` ("samples", n the counts the runtime knows) or `1 / m` ("equal"), in ascending
+       client id order (arrival order does not matter), or a coordinate-wise robust statistic;
     3. with `pro=True` (FedKSeed-Pro) keeps, per seed, the count and the sum of `|clip(g, -pro_clip, pro_clip)|`
        over every scalar gradient of the accepted updates (O(K) memory), from which `probabilities()` computes the
        official code's seed sampling distribution.
@@ -146,8 +195,15 @@ class KSeedServer:
             m = `max(1, floor(client_fraction * num_clients + 0.5))`: the nearest integer (halves round up, and a
             product such as `0.07 * 100 = 7.000000000000001` gives 7, where `ceil` would give 8), at least one.
             The paper's 5% of 200 clients gives 10.
-        aggregation: "samples" weighs each client by its sample count (the official code's default); "equal"
-            gives every valid client the same weight (its `--equal_weight`).
+        aggregation: how accepted updates combine; every choice costs O(K x clients) scalar operations a round,
+            nothing next to one forward pass.
+            "samples" weighs each client by its sample count (the official code's default; the counts the runtime
+            passes as `sample_counts`, else the claimed ones capped at `COUNT_CAP_FACTOR` x the median claim);
+            "equal" gives every accepted client the same weight (its `--equal_weight`);
+            "trimmed_mean" takes per seed the mean over the clients that drew it after dropping `TRIM_FRACTION` of
+            them at each end (needs 5 clients on a seed to trim one), scaled by their share of the round;
+            "median" takes per seed the median over the clients that drew it, scaled the same way;
+            "norm_bound" is "samples" with every client's coefficient vector clipped to the round's median norm.
         pro: FedKSeed-Pro: keep the gradient statistics and return non-uniform `probabilities()`.
         pro_clip: |g| beyond this counts as `pro_clip` in the importance; the official code's `--bias_loss_clip`
             default, 1000.0.
@@ -155,7 +211,8 @@ class KSeedServer:
             (`--grad_initial`, default 0.0), so a seed's importance is
             `(|clip(pro_grad_initial)| + sum |clip(g)|) / (1 + count)`; None drops that entry, giving the plain mean
             over the seen gradients (0 for a seed never seen).
-        max_abs_scalar: if set, an update with any `|scalar|` above it is rejected.
+        max_abs_scalar: if set, an update with any `|scalar|` above it is rejected: an absolute bound on top of
+            the scale-free screening and of `SANITY_MAX_ABS_SCALAR`, which always apply.
 
     Raises:
         ValueError: for an argument out of range or of the wrong type, naming the argument.
@@ -266,25 +323,42 @@ class KSeedServer:
         return sorted(chosen.tolist())
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> AggregationResult:
-        """Validate the updates of `round` and add the valid ones, weighted, into the accumulators.
+    def aggregate(
+        self, round: int, updates: Sequence[ClientUpdate], *, sample_counts: Mapping[int, int] | None = None
+    ) -> AggregationResult:
+        """Validate the updates of `round` and add the valid ones, weighted (robustly if configured), into `A`.
 
-        Every update is checked in full before any is used: its client was selected in `round` and sent only this
-        update, `num_samples` is an integer (>= 1 for "samples" weighting), the per-step lists are 1-D with equal
-        lengths, the seed indices are integers in `[0, K)`, every scalar and projected gradient is finite, and
-        `|scalar| <= max_abs_scalar` if set. An invalid update is reported in `rejected` and changes nothing.
-        The weights are normalised over the valid updates only. A round with no valid update leaves the
-        accumulators and the Pro statistics unchanged (the round still counts as aggregated).
+        Nothing a client sends is trusted. Every update is checked in full before any is used: its client was
+        selected in `round` and sent only this update, its `server_round` (when set) is `round` (a replayed update
+        is rejected), its `num_seeds` (when set) is K, `num_samples` is an integer (>= 1 for "samples" weighting),
+        the per-step lists are 1-D with equal lengths, the seed indices are integers in `[0, K)`, every scalar and
+        projected gradient is finite, and `|scalar| <= SANITY_MAX_ABS_SCALAR` (and `<= max_abs_scalar` if set).
+
+        Then, with at least `MIN_CLIENTS_TO_COMPARE` clients holding a non-zero update, the round screens them
+        against each other, scale-free: a client whose largest |scalar| exceeds `OUTLIER_SCALAR_FACTOR` times the
+        round's (lower) median client maximum is rejected, and a client whose vector of per-seed coefficients is
+        longer than `OUTLIER_NORM_FACTOR` (`norm_bound`: 1) times the median client norm is scaled down to it.
+
+        The weights are normalised over the accepted updates: the runtime's known `sample_counts` ("samples",
+        "norm_bound"), else the claimed counts capped at `COUNT_CAP_FACTOR` times the median claim; one share each
+        for "equal", "trimmed_mean" and "median". An update that would take an accumulator beyond
+        `SANITY_MAX_ABS_ACCUMULATOR` (or a Pro sum to inf) is rejected whole and the round recombined without it,
+        so the state is always finite and `state_dict()` always reloads. A rejected update changes nothing; a
+        round with no valid update leaves the accumulators and the Pro statistics unchanged (it still counts).
 
         Args:
             round: the round the updates answer; it must be greater than every round aggregated before.
-            updates: the clients' `ClientUpdate`s, in any order.
+            updates: the clients' `ClientUpdate`s (or decoded `UpdateMessage`s), in any order.
+            sample_counts: `{client_id: n}` the runtime knows (the partition sizes), used instead of the clients'
+                claims; it must hold every client that sent an update.
 
         Returns:
-            An `AggregationResult` with the accepted and rejected clients, the weights and the accumulator delta.
+            An `AggregationResult` with the accepted and rejected clients, the weights, the weighting used, the
+            clipped clients and the accumulator delta.
 
         Raises:
-            ValueError: if `round` is not an integer above the last aggregated round.
+            ValueError: if `round` is not an integer above the last aggregated round, or `sample_counts` lacks a
+                client or holds a count that is not an integer >= 1.
         """
         if not _is_int(round) or round < 0:
             raise ValueError(f"Invalid `round`: {round!r}; it must be an integer >= 0.")
@@ -293,6 +367,14 @@ class KSeedServer:
                 f"Round {round} cannot be aggregated: round {self.last_round} already was, and rounds must increase "
                 "(aggregating a round twice would add its updates twice)."
             )
+        if sample_counts is not None:
+            for client_id in (getattr(update, "client_id", None) for update in updates):
+                count = sample_counts.get(client_id)
+                if not _is_int(count) or count < 1:
+                    raise ValueError(
+                        f"`sample_counts` holds {count!r} for client {client_id!r}; pass the known sample count "
+                        "(an integer >= 1) of every client that sent an update."
+                    )
         selected = set(self.select_clients(round))
         ids = Counter(getattr(update, "client_id", None) for update in updates)
         rejected: dict[int, str] = {}
@@ -309,31 +391,24 @@ class KSeedServer:
                 valid.append(checked)
         valid.sort(key=lambda checked: checked.client_id)
 
-        raw = {checked.client_id: self.client_weight(checked.num_samples) for checked in valid}
-        total = sum(raw.values())
-        weights = {client_id: weight / total for client_id, weight in raw.items()}
-
-        num_seeds = self.num_seeds
-        delta = torch.zeros(num_seeds, dtype=torch.float64)
-        touched = torch.zeros(num_seeds, dtype=torch.bool)
-        pro_count, pro_abs_sum = self.pro_count.clone(), self.pro_abs_sum.clone()
-        for checked in valid:  # ascending client id: the float sums do not depend on arrival order
-            local = torch.zeros(num_seeds, dtype=torch.float64).index_add_(0, checked.seed_indices, checked.scalars)
-            delta += weights[checked.client_id] * local
-            touched[checked.seed_indices] = True
-            if self.pro:
-                pro_count.index_add_(0, checked.seed_indices, torch.ones_like(checked.seed_indices))
-                clipped = checked.projected_grads.clamp(-self.pro_clip, self.pro_clip).abs()
-                pro_abs_sum.index_add_(0, checked.seed_indices, clipped)
-
-        indices = touched.nonzero().flatten()
-        # Only the touched entries change (untouched ones stay bit-identical, -0.0 included), in a new tensor so a
-        # snapshot the caller took before stays valid.
-        accumulators = self.accumulators.clone()
-        accumulators[indices] += delta[indices]
+        valid, scales = self._screen(valid, rejected)
+        while True:
+            weights, weighting = self._weights(valid, sample_counts)
+            delta, touched, pro_count, pro_abs_sum = self._combine(valid, weights, scales)
+            indices = touched.nonzero().flatten()
+            # Only the touched entries change (untouched ones stay bit-identical, -0.0 included), in a new tensor so
+            # a snapshot the caller took before stays valid.
+            accumulators = self.accumulators.clone()
+            accumulators[indices] += delta[indices]
+            culprit = self._overflowing_client(valid, weights, scales, accumulators, pro_abs_sum)
+            if culprit is None:
+                break
+            rejected[culprit[0]] = culprit[1]
+            valid = [checked for checked in valid if checked.client_id != culprit[0]]
         self.accumulators = accumulators
         self.pro_count, self.pro_abs_sum = pro_count, pro_abs_sum
         self.last_round = int(round)
+        clipped = {checked.client_id: scales[checked.client_id] for checked in valid if scales[checked.client_id] < 1}
         return AggregationResult(
             round=int(round),
             accepted=[checked.client_id for checked in valid],
@@ -341,14 +416,152 @@ class KSeedServer:
             weights=weights,
             seeds_touched=indices.numel(),
             delta=SparseVector(indices, delta[indices]),
+            weighting=weighting,
+            clipped=clipped,
+            linear=self.aggregation in ("samples", "equal", "norm_bound") and not clipped,
         )
 
+    def _screen(self, valid: list[_CheckedUpdate], rejected: dict[int, str]) -> tuple[list, dict[int, float]]:
+        """Scale-free screening: reject scalar outliers, then clip long coefficient vectors to the round's norm."""
+        scales = {checked.client_id: 1.0 for checked in valid}
+        maxima = {c.client_id: c.scalars.abs().max().item() for c in valid if c.scalars.numel()}
+        nonzero = [value for value in maxima.values() if value > 0]
+        if len(nonzero) >= MIN_CLIENTS_TO_COMPARE:
+            median = torch.tensor(nonzero, dtype=torch.float64).median().item()  # the lower median
+            bound = OUTLIER_SCALAR_FACTOR * median
+            for client_id, value in maxima.items():
+                if value > bound:
+                    rejected[client_id] = (
+                        f"|scalar| {value:.6g} is more than {OUTLIER_SCALAR_FACTOR:g} x the round's median client "
+                        f"maximum {median:.6g}; an outlier"
+                    )
+            valid = [checked for checked in valid if checked.client_id not in rejected]
+        norms = {c.client_id: c.coefficients(self.num_seeds).norm().item() for c in valid}
+        nonzero = [value for value in norms.values() if value > 0]
+        if len(nonzero) >= MIN_CLIENTS_TO_COMPARE:
+            factor = 1.0 if self.aggregation == "norm_bound" else OUTLIER_NORM_FACTOR
+            bound = factor * torch.tensor(nonzero, dtype=torch.float64).median().item()
+            for client_id, value in norms.items():
+                if value > bound:
+                    scales[client_id] = bound / value
+        return valid, scales
+
+    def _weights(
+        self, valid: list[_CheckedUpdate], sample_counts: Mapping[int, int] | None
+    ) -> tuple[dict[int, float], str]:
+        """The normalised weights of the accepted clients and the name of the weighting."""
+        if not valid:
+            return {}, "equal"
+        if self.aggregation not in ("samples", "norm_bound"):
+            raw = {checked.client_id: 1.0 for checked in valid}
+            weighting = "equal"
+        elif sample_counts is not None:
+            raw = {checked.client_id: float(sample_counts[checked.client_id]) for checked in valid}
+            weighting = "known_counts"
+        else:
+            claims = torch.tensor([checked.num_samples for checked in valid], dtype=torch.float64)
+            cap = COUNT_CAP_FACTOR * claims.median().item()
+            raw = {checked.client_id: float(min(checked.num_samples, cap)) for checked in valid}
+            weighting = "capped"
+        total = sum(raw.values())
+        return {client_id: weight / total for client_id, weight in raw.items()}, weighting
+
+    def _combine(self, valid: list[_CheckedUpdate], weights: dict[int, float], scales: dict[int, float]):
+        """The round's accumulator delta, the touched seeds and the new Pro statistics (nothing is stored)."""
+        num_seeds = self.num_seeds
+        delta = torch.zeros(num_seeds, dtype=torch.float64)
+        touched = torch.zeros(num_seeds, dtype=torch.bool)
+        pro_count, pro_abs_sum = self.pro_count.clone(), self.pro_abs_sum.clone()
+        columns = []
+        for checked in valid:  # ascending client id: the float sums do not depend on arrival order
+            local = checked.coefficients(num_seeds)
+            scale = scales[checked.client_id]
+            if scale != 1.0:
+                local = local * scale
+            if self.aggregation in ("trimmed_mean", "median"):
+                columns.append(local)
+            else:
+                delta += weights[checked.client_id] * local
+            touched[checked.seed_indices] = True
+            if self.pro:
+                pro_count.index_add_(0, checked.seed_indices, torch.ones_like(checked.seed_indices))
+                clipped = checked.projected_grads.clamp(-self.pro_clip, self.pro_clip).abs()
+                pro_abs_sum.index_add_(0, checked.seed_indices, clipped)
+        if columns:
+            delta = self._coordinate_wise(valid, columns, touched)
+        return delta, touched, pro_count, pro_abs_sum
+
+    def _coordinate_wise(self, valid: list[_CheckedUpdate], columns: list[torch.Tensor], touched: torch.Tensor):
+        """Trimmed mean or median, per seed, over the clients that drew that seed, scaled by their share n_j / m.
+
+        A client that did not draw seed j sent no value for it (its 0 is not a measurement), so the statistic runs
+        over the n_j clients that did; the factor n_j / m makes a seed nobody trims move exactly as far as under
+        equal weights. Cost: one sort of an (m, touched seeds) matrix, O(K x m) scalars.
+        """
+        num_seeds, clients = self.num_seeds, len(valid)
+        indices = touched.nonzero().flatten()
+        used = torch.zeros(clients, num_seeds, dtype=torch.bool)
+        for row, checked in enumerate(valid):
+            used[row, checked.seed_indices] = True
+        values = torch.stack(columns)[:, indices]
+        used = used[:, indices]
+        counts = used.sum(0)
+        # Unused entries sort last (+inf), so the first counts[j] rows of column j are its values in order.
+        ordered = torch.where(used, values, torch.inf).sort(0).values
+        ordered = torch.where(torch.arange(clients).unsqueeze(1) < counts, ordered, 0.0)
+        if self.aggregation == "median":
+            low = ordered.gather(0, ((counts - 1) // 2).unsqueeze(0)).squeeze(0)
+            high = ordered.gather(0, (counts // 2).unsqueeze(0)).squeeze(0)
+            statistic = (low + high) / 2
+        else:
+            trim = (counts.to(torch.float64) * TRIM_FRACTION).floor().to(torch.int64)
+            sums = torch.cat([torch.zeros(1, indices.numel(), dtype=torch.float64), ordered.cumsum(0)])
+            kept = counts - 2 * trim
+            statistic = (sums.gather(0, (counts - trim).unsqueeze(0)) - sums.gather(0, trim.unsqueeze(0))).squeeze(0)
+            statistic = statistic / kept
+        delta = torch.zeros(num_seeds, dtype=torch.float64)
+        delta[indices] = statistic * counts / clients
+        return delta
+
+    def _overflowing_client(self, valid, weights, scales, accumulators, pro_abs_sum) -> tuple[int, str] | None:
+        """The client to leave out when the combined round breaks the accumulators or the Pro sums, with why."""
+        bad = ~torch.isfinite(accumulators) | (accumulators.abs() > SANITY_MAX_ABS_ACCUMULATOR)
+        if bad.any():
+            worst, culprit = -1.0, None
+            for checked in valid:
+                share = weights[checked.client_id] * scales[checked.client_id] * checked.coefficients(self.num_seeds)
+                size = torch.nan_to_num(share[bad].abs(), nan=math.inf).max().item()
+                if size > worst:
+                    worst, culprit = size, checked.client_id
+            index = int(bad.nonzero()[0])
+            return culprit, (
+                f"the update would take accumulator {index} to {accumulators[index].item():.6g}, beyond "
+                f"SANITY_MAX_ABS_ACCUMULATOR={SANITY_MAX_ABS_ACCUMULATOR:g} (or not finite)"
+            )
+        bad = ~torch.isfinite(pro_abs_sum)
+        if self.pro and bad.any():
+            worst, culprit = -1.0, None
+            for checked in valid:
+                mask = bad[checked.seed_indices]
+                if mask.any():
+                    size = checked.projected_grads[mask].abs().max().item()
+                    if size > worst:
+                        worst, culprit = size, checked.client_id
+            return culprit, "the update's projected gradients would take a Pro statistic to inf"
+        return None
+
     def client_weight(self, num_samples: int) -> float:
-        """A client's aggregation weight before normalisation: its sample count ("samples") or 1 ("equal")."""
-        return float(num_samples) if self.aggregation == "samples" else 1.0
+        """A client's aggregation weight before normalisation: its sample count ("samples", "norm_bound") or 1.
+
+        Pass a count the runtime knows (the partition size), never one a client claims.
+        """
+        return float(num_samples) if self.aggregation in ("samples", "norm_bound") else 1.0
 
     def check_update(self, round: int, update: ClientUpdate) -> str | None:
-        """Why `aggregate` would reject this update on its own in `round`, or None if it would accept it."""
+        """Why `aggregate` would reject this update on its own in `round`, or None if the per-update checks pass.
+
+        The round-level screening (outliers against the other clients, accumulator bounds) can still reject it.
+        """
         checked = self._check_update(update, round, set(self.select_clients(round)))
         return checked if isinstance(checked, str) else None
 
@@ -358,8 +571,14 @@ class KSeedServer:
         if not _is_int(client_id) or int(client_id) not in selected:
             return f"client {client_id!r} was not selected in round {round}"
         client_id = int(client_id)
+        claimed_round = getattr(update, "server_round", None)
+        if claimed_round is not None and (not _is_int(claimed_round) or claimed_round != round):
+            return f"the update answers round {claimed_round!r}, not round {round}; a replayed or late update"
+        claimed_seeds = getattr(update, "num_seeds", None)
+        if claimed_seeds is not None and (not _is_int(claimed_seeds) or claimed_seeds != self.num_seeds):
+            return f"the update is for K={claimed_seeds!r} seeds but the server has K={self.num_seeds}"
         num_samples = getattr(update, "num_samples", None)
-        least = 1 if self.aggregation == "samples" else 0
+        least = 1 if self.aggregation in ("samples", "norm_bound") else 0
         if not _is_int(num_samples) or num_samples < least:
             return f"`num_samples` is {num_samples!r}; {self.aggregation!r} weighting needs an integer >= {least}"
         try:
@@ -394,6 +613,11 @@ class KSeedServer:
             return "a projected gradient g is not finite"
         if self.max_abs_scalar is not None and steps and scalars.abs().max().item() > self.max_abs_scalar:
             return f"|scalar| {scalars.abs().max().item():.6g} exceeds `max_abs_scalar`={self.max_abs_scalar:.6g}"
+        if steps and scalars.abs().max().item() > SANITY_MAX_ABS_SCALAR:
+            return (
+                f"|scalar| {scalars.abs().max().item():.6g} exceeds the sanity bound SANITY_MAX_ABS_SCALAR="
+                f"{SANITY_MAX_ABS_SCALAR:g}; no honest lr * g comes near it"
+            )
         return _CheckedUpdate(client_id, int(num_samples), seed_indices, scalars, grads)
 
     # ------------------------------------------------------------------ FedKSeed-Pro

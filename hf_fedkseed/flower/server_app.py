@@ -83,12 +83,16 @@ def register_nodes(grid, node_ids, *, timeout: float) -> dict[int, int]:
     return nodes
 
 
-def read_update(reply, *, client_id: int, round_index: int) -> tuple[ClientUpdate | None, int, list[float], str | None]:
+def read_update(
+    reply, *, client_id: int, round_index: int, num_seeds: int | None = None
+) -> tuple[ClientUpdate | None, int, list[float], str | None]:
     """Decode one train reply: `(update or None, payload bytes, step losses, why it is unusable or None)`.
 
     Nothing in a reply is trusted: an error reply, a missing record, a payload that is not bytes, a message that
     fails `UpdateMessage.decode` (bad length or CRC, NaN scalars, seed indices out of range), an update for another
-    client or round, or losses that are not a list of finite numbers all give a reason and no update.
+    client or round or (when `num_seeds` is given) another K, or losses that are not a list of finite numbers all
+    give a reason and no update. The update keeps its header's round and K, which `KSeedServer.aggregate` checks
+    again; its claimed `num_samples` is carried but never used as a weight (the server weighs by known counts).
     """
     if reply.has_error():
         return None, 0, [], f"the client replied with an error: {reply.error.reason}"
@@ -110,6 +114,8 @@ def read_update(reply, *, client_id: int, round_index: int) -> tuple[ClientUpdat
             f"the update is for client {received.client_id}, round {received.server_round}; expected client "
             f"{client_id}, round {round_index}",
         )
+    if num_seeds is not None and received.num_seeds != num_seeds:
+        return None, len(payload), [], f"the update is for K={received.num_seeds} seeds; the server has K={num_seeds}"
     losses = content[METRICS_RECORD].get("losses", []) if METRICS_RECORD in content else []
     if not isinstance(losses, list) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses):
         losses = []  # a bad metric only loses the loss record; the update itself was validated above
@@ -119,6 +125,8 @@ def read_update(reply, *, client_id: int, round_index: int) -> tuple[ClientUpdat
         seed_indices=received.seed_indices,
         scalars=received.scalars,
         projected_grads=received.projected_grads,
+        server_round=received.server_round,
+        num_seeds=received.num_seeds,
     )
     return update, len(payload), [float(x) for x in losses], None
 
@@ -127,7 +135,8 @@ def run_round(grid, task: FederatedTask, server: KSeedServer, nodes: dict[int, i
     """One FedKSeed round over Flower messages; returns the round's record (the emulation's fields and more).
 
     The server selects the round's clients, sends each the full `SyncMessage` (and its Pro seed schedule) with its
-    `step_offset`, waits up to `timeout` seconds, decodes and checks the replies, and aggregates the valid ones.
+    `step_offset`, waits up to `timeout` seconds, decodes and checks the replies (client, round, K), and aggregates
+    the valid ones, weighted by the partition sizes the server knows (`weighting` in the record).
     A client without a node, one that errs, one that does not answer in time, and one whose reply is malformed is
     left out of the round (`failed` or `rejected`, with the reason in `reasons`); the server state only ever
     changes through `KSeedServer.aggregate`, which validates every update again.
@@ -185,7 +194,9 @@ def run_round(grid, task: FederatedTask, server: KSeedServer, nodes: dict[int, i
         if client_id is None or client_id in updates or client_id in rejected_on_receipt:
             continue  # not a node of this round, or a second reply: ignored
         record["flower_bytes_up"] += message_wire_bytes(reply) or 0
-        update, size, step_losses, reason = read_update(reply, client_id=client_id, round_index=round_index)
+        update, size, step_losses, reason = read_update(
+            reply, client_id=client_id, round_index=round_index, num_seeds=server.num_seeds
+        )
         record["bytes_up"] += size
         if update is None:
             reasons[client_id] = reason
@@ -198,7 +209,10 @@ def run_round(grid, task: FederatedTask, server: KSeedServer, nodes: dict[int, i
         if client_id not in updates and client_id not in reasons:
             reasons[client_id] = f"no reply within round_timeout={timeout}s"
 
-    result = server.aggregate(round_index, list(updates.values()))
+    # The server holds the partition (it built it from the recipe, as every node did), so it weighs each client by
+    # the size it knows, never by the `num_samples` a client claims.
+    sample_counts = {client_id: len(task.partition.clients[client_id]) for client_id in selected}
+    result = server.aggregate(round_index, list(updates.values()), sample_counts=sample_counts)
     reasons.update(result.rejected)
     rejected = sorted(rejected_on_receipt | set(result.rejected))
     all_losses = [loss for client_id in selected for loss in losses.get(client_id, [])]  # slot order, as emulated
@@ -207,6 +221,8 @@ def run_round(grid, task: FederatedTask, server: KSeedServer, nodes: dict[int, i
         failed=sorted(set(reasons) - set(rejected)),
         rejected=rejected,
         reasons={str(client_id): reasons[client_id] for client_id in sorted(reasons)},
+        weighting=result.weighting,
+        clipped={str(client_id): factor for client_id, factor in sorted(result.clipped.items())},
         train_loss=sum(all_losses) / max(len(all_losses), 1),
         bytes_per_client=(record["bytes_up"] + record["bytes_down"]) / len(selected),
         seeds_touched=result.seeds_touched,

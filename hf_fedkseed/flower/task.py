@@ -130,7 +130,9 @@ class FederatedTask:
             max_samples_per_task=self.data_args.max_samples_per_task,
             seed=self.training_args.seed,
         )
-        self.train_rows = tokenize_for_training(data["train"], self.tokenizer, self.data_args.max_length)
+        self.train_rows = tokenize_for_training(
+            data["train"], self.tokenizer, self.data_args.max_length, prompt_format=self.data_args.prompt_format
+        )
         self.partition = build_partition(self.federated, self.train_rows)
         self.clients_per_round = KSeedServer.resolve_clients_per_round(
             self.partition.num_clients, self.federated.clients_per_round, self.federated.client_fraction
@@ -249,12 +251,30 @@ class FederatedTask:
 
         Raises:
             RuntimeError: if the task was built without a model.
-            ValueError: for a client id outside the partition or a sync for another K.
+            ValueError: for a client id outside the partition, a sync for another K, a seed schedule that is not
+                exactly `local_steps` long, or a `step_offset` outside the run (nothing is topped up or skipped).
         """
         if self.model is None:
             raise RuntimeError("This FederatedTask was built with `with_model=False`; a client needs the model.")
         if not 0 <= client_id < self.partition.num_clients:
             raise ValueError(f"client_id {client_id} is outside the partition's [0, {self.partition.num_clients}).")
+        # Nothing the server sends is taken on faith either: refuse, with the reason, before any state changes.
+        if sync.num_seeds != self.optimizer.num_seeds:
+            raise ValueError(
+                f"The sync is for K={sync.num_seeds} seeds but this client's optimizer has K="
+                f"{self.optimizer.num_seeds}; server and clients must run the same recipe (`num_seeds`)."
+            )
+        if sync.seed_schedule is not None and sync.seed_schedule.numel() != self.federated.local_steps:
+            raise ValueError(
+                f"The sync's seed schedule holds {sync.seed_schedule.numel()} seed indices but a client takes "
+                f"local_steps={self.federated.local_steps} steps; the server must schedule exactly one per step."
+            )
+        last_offset = self.total_steps - self.federated.local_steps
+        if isinstance(step_offset, bool) or not isinstance(step_offset, int) or not 0 <= step_offset <= last_offset:
+            raise ValueError(
+                f"`step_offset`={step_offset!r} is outside this run: a client's first step is in [0, {last_offset}] "
+                f"({self.total_steps} steps in all)."
+            )
         config, optimizer, client = self.federated, self.optimizer, self.client
         rows = self.partition.clients[client_id]
         order = client_step_rows(config, self.per_step, sync.server_round, client_id, rows)

@@ -1,0 +1,331 @@
+"""Reliability: nothing a client sends is trusted (counts, scalars, rounds, K), and a Byzantine client stays bounded.
+
+Each section pins one defect of the "Reliability" issue; add new hostile cases to the tables (`HOSTILE_UPDATES`,
+`ATTACKS`, `CLIENT_REFUSALS`) rather than new one-off tests.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from hf_fedkseed import KSeedZOOptimizer
+from hf_fedkseed.federated import KSeedClient, SyncMessage, UpdateMessage
+from hf_fedkseed.federated.server import (
+    AGGREGATIONS,
+    OUTLIER_NORM_FACTOR,
+    OUTLIER_SCALAR_FACTOR,
+    SANITY_MAX_ABS_ACCUMULATOR,
+    SANITY_MAX_ABS_SCALAR,
+    ClientUpdate,
+    KSeedServer,
+)
+
+K = 4096
+TAU = 20
+UINT32_MAX = 2**32 - 1
+
+
+def all_selected(num_clients: int = 5, **kwargs) -> KSeedServer:
+    """Every client takes part in every round, which keeps the hostile rounds short."""
+    kwargs.setdefault("num_seeds", K)
+    return KSeedServer(num_clients, clients_per_round=num_clients, seed=1, **kwargs)
+
+
+def honest_update(client_id: int, round_index: int = 0, *, scale: float = 1e-4, steps: int = TAU) -> ClientUpdate:
+    """tau (seed index, lr * g) pairs of an honest client: seeds drawn uniformly, lr * g ~ N(0, scale)."""
+    generator = torch.Generator().manual_seed(1000 * round_index + client_id)
+    return ClientUpdate(
+        client_id,
+        100,
+        torch.randint(0, K, (steps,), generator=generator),
+        scale * torch.randn(steps, generator=generator, dtype=torch.float64),
+        server_round=round_index,
+        num_seeds=K,
+    )
+
+
+def state_reloads(server: KSeedServer) -> bool:
+    twin = KSeedServer(server.num_clients, num_seeds=server.num_seeds, seed=server.seed, clients_per_round=1)
+    twin.pro_clip = server.pro_clip
+    twin.load_state_dict(server.state_dict())
+    return torch.equal(twin.accumulators, server.accumulators)
+
+
+# ---------------------------------------------------------------------- 8: sample counts are not trusted
+def test_a_claimed_count_of_2_32_gets_only_its_known_weight():
+    server = all_selected()
+    updates = [honest_update(c) for c in range(5)]
+    updates[0].num_samples = UINT32_MAX
+    result = server.aggregate(0, updates, sample_counts={c: 100 for c in range(5)})
+    assert result.weighting == "known_counts" and result.weights == {c: 0.2 for c in range(5)}
+
+
+def test_without_known_counts_claims_are_capped_at_a_multiple_of_the_median():
+    server = all_selected()
+    updates = [honest_update(c) for c in range(5)]
+    updates[0].num_samples = UINT32_MAX
+    result = server.aggregate(0, updates)
+    assert result.weighting == "capped"
+    assert result.weights[0] == pytest.approx(400 / 800)  # capped at 4 x the median claim of 100
+
+
+def test_known_counts_must_cover_every_update():
+    with pytest.raises(ValueError, match="`sample_counts`"):
+        all_selected().aggregate(0, [honest_update(0)], sample_counts={1: 10})
+
+
+def test_the_emulation_weighs_by_partition_sizes_and_records_it(tmp_path, monkeypatch):
+    from test_callback import config, run
+
+    _, _, federated, _ = run(tmp_path / "honest", config(rounds=2, clients_per_round=3))
+    original = KSeedClient.build_update
+
+    def lying(self, **kwargs):
+        return original(self, **{**kwargs, "num_samples": UINT32_MAX})
+
+    monkeypatch.setattr(KSeedClient, "build_update", lying)
+    _, _, lied_federated, _ = run(tmp_path / "lied", config(rounds=2, clients_per_round=3))
+    assert all(entry["weighting"] == "known_counts" for entry in lied_federated.history)
+    assert torch.equal(lied_federated.server.accumulators, federated.server.accumulators)
+
+
+# ---------------------------------------------------------------------- 9: outlier scalars, the Byzantine bound
+def test_scalars_of_3e38_are_rejected_and_never_reach_a_client_model():
+    server = all_selected(num_seeds=64)
+    updates = [ClientUpdate(c, 10, [c, 7], [1e-4, -2e-4], server_round=0) for c in range(5)]
+    updates[3] = ClientUpdate(3, 10, [3, 7], [3e38, -3e38], server_round=0)
+    result = server.aggregate(0, updates)
+    assert 3 not in result.accepted and "sanity bound" in result.rejected[3]
+    model = tiny_llama()
+    optimizer = KSeedZOOptimizer(model, lr=1e-3, num_seeds=64, seed=1)
+    client = KSeedClient(optimizer.named_params, engine=optimizer.engine, seed_pool=optimizer.seed_pool)
+    client.catch_up(SyncMessage.build(server_round=1, accumulators=server.accumulators))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert state_reloads(server)
+
+
+def test_a_single_client_is_held_by_the_absolute_bound():
+    server = all_selected(num_clients=1, num_seeds=64)
+    result = server.aggregate(0, [ClientUpdate(0, 10, [1], [2 * SANITY_MAX_ABS_SCALAR], server_round=0)])
+    assert result.accepted == [] and server.accumulators.abs().sum() == 0
+
+
+def test_a_scalar_outlier_among_five_is_rejected_with_its_reason():
+    server = all_selected()
+    updates = [honest_update(c) for c in range(5)]
+    median_max = sorted(u.scalars.abs().max().item() for u in updates)[2]
+    updates[4].scalars = updates[4].scalars.clone()
+    updates[4].scalars[0] = 1.01 * OUTLIER_SCALAR_FACTOR * median_max * 2  # beyond the factor whatever its rank
+    result = server.aggregate(0, updates)
+    assert 4 in result.rejected and "median client maximum" in result.rejected[4]
+    assert result.accepted == [0, 1, 2, 3]
+
+
+def test_honest_rounds_keep_the_official_weighted_mean_bit_for_bit():
+    for aggregation in ("samples", "equal"):
+        server = all_selected(aggregation=aggregation)
+        updates = [honest_update(c) for c in range(5)]
+        for c, update in enumerate(updates):
+            update.num_samples = 50 + 10 * c
+        result = server.aggregate(0, updates)
+        raw = [float(u.num_samples) if aggregation == "samples" else 1.0 for u in updates]
+        expected = torch.zeros(K, dtype=torch.float64)
+        for weight, update in zip(raw, updates, strict=True):
+            local = torch.zeros(K, dtype=torch.float64).index_add_(0, update.seed_indices, update.scalars)
+            expected += weight / sum(raw) * local
+        assert result.clipped == {} and result.linear
+        assert torch.equal(server.accumulators.view(torch.int64), expected.view(torch.int64))
+
+
+def byzantine_scalars(honest: list[ClientUpdate], kind: str) -> ClientUpdate:
+    """Client 4's update: the largest scalars the screening accepts, spread, concentrated or aligned."""
+    maxima = sorted(u.scalars.abs().max().item() for u in honest[:4])
+    bound = 0.999 * OUTLIER_SCALAR_FACTOR * maxima[1]  # under the factor x the (lower) median of the round
+    generator = torch.Generator().manual_seed(99)
+    if kind == "spread":  # every step at the bound, on its own seeds
+        seeds = torch.randint(0, K, (TAU,), generator=generator)
+        scalars = torch.full((TAU,), bound, dtype=torch.float64)
+    elif kind == "one_seed":  # every step at the bound, all on one seed
+        seeds = torch.full((TAU,), 5, dtype=torch.int64)
+        scalars = torch.full((TAU,), bound, dtype=torch.float64)
+    else:  # "aligned": omniscient, on the honest clients' seeds with the sign of their sum
+        total = torch.zeros(K, dtype=torch.float64)
+        for update in honest[:4]:
+            total.index_add_(0, update.seed_indices, update.scalars)
+        seeds = total.abs().argsort(descending=True)[:TAU]
+        scalars = bound * total[seeds].sign()
+    return ClientUpdate(4, 100, seeds, scalars, server_round=0, num_seeds=K)
+
+
+ATTACKS = ["spread", "one_seed", "aligned"]
+
+
+def displacement(accumulators: torch.Tensor, seed_pool: torch.Tensor) -> float:
+    """||w - w_before_round|| on a tiny model for a round that moved the accumulators from 0 to `accumulators`."""
+    model = tiny_llama()
+    optimizer = KSeedZOOptimizer(model, lr=1e-3, num_seeds=K, seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    changed = accumulators.nonzero().flatten()
+    with torch.no_grad():
+        optimizer.engine.replay_(optimizer.named_params, seed_pool[changed].tolist(), (-accumulators[changed]).tolist())
+    return math.sqrt(sum(((p.detach() - b) ** 2).sum().item() for p, b in zip(model.parameters(), before, strict=True)))
+
+
+def byzantine_ratio(aggregation: str, kind: str) -> float:
+    honest = [honest_update(c) for c in range(5)]
+    counts = {c: 100 for c in range(5)}
+    reference = all_selected(aggregation=aggregation)
+    reference.aggregate(0, honest, sample_counts=counts)
+    attacked = all_selected(aggregation=aggregation)
+    attacked.aggregate(0, [*honest[:4], byzantine_scalars(honest, kind)], sample_counts=counts)
+    assert torch.isfinite(attacked.accumulators).all()
+    return displacement(attacked.accumulators, attacked.seed_pool) / displacement(
+        reference.accumulators, reference.seed_pool
+    )
+
+
+@pytest.mark.parametrize("kind", ATTACKS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_one_byzantine_client_in_five_moves_the_model_at_most_twice_as_far(aggregation, kind):
+    ratio = byzantine_ratio(aggregation, kind)
+    print(f"{aggregation} {kind}: {ratio:.3f}x an honest round")
+    assert ratio <= 2.0
+
+
+def test_the_default_norm_bound_is_what_holds_the_attacker():
+    honest = [honest_update(c) for c in range(5)]
+    server = all_selected()
+    result = server.aggregate(0, [*honest[:4], byzantine_scalars(honest, "one_seed")])
+    assert 4 in result.accepted and result.clipped[4] < 1 and not result.linear
+    norms = [torch.zeros(K, dtype=torch.float64).index_add_(0, u.seed_indices, u.scalars).norm() for u in honest[:4]]
+    median = sorted(norms)[2].item()  # of the five norms; the attacker's is the largest
+    attacker_norm = TAU * byzantine_scalars(honest, "one_seed").scalars[0].item()
+    assert result.clipped[4] * attacker_norm == pytest.approx(OUTLIER_NORM_FACTOR * median, rel=1e-12)
+
+
+# ---------------------------------------------------------------------- 10: round, K, finite accumulators
+HOSTILE_UPDATES = {
+    "replayed round": (lambda: honest_update(0, round_index=0), "replayed"),
+    "other K": (lambda: ClientUpdate(0, 10, [1], [1e-4], server_round=1, num_seeds=K // 2), "K=2048"),
+    "two 1.7e308": (lambda: ClientUpdate(0, 10, [7, 7], [1.7e308, 1.7e308], server_round=1), "sanity bound"),
+    "claims 2^32 samples": (None, None),  # accepted, with its known weight: see section 8
+}
+
+
+@pytest.mark.parametrize("kind", [k for k, v in HOSTILE_UPDATES.items() if v[0] is not None])
+def test_a_hostile_update_is_rejected_whole_and_the_state_reloads(kind):
+    server = all_selected(num_clients=1)
+    server.aggregate(0, [honest_update(0, round_index=0)])
+    before = server.accumulators.clone()
+    make, reason = HOSTILE_UPDATES[kind]
+    result = server.aggregate(1, [make()])
+    assert result.accepted == [] and reason in result.rejected[0]
+    assert torch.equal(server.accumulators, before) and state_reloads(server)
+
+
+def test_an_update_that_would_push_an_accumulator_past_the_bound_is_rejected_whole():
+    server = all_selected(num_clients=1, num_seeds=64)
+    steps = int(SANITY_MAX_ABS_ACCUMULATOR / SANITY_MAX_ABS_SCALAR) // 2 + 1  # each round adds just over half
+    push = [ClientUpdate(0, 1, [3] * steps, [SANITY_MAX_ABS_SCALAR] * steps, server_round=r) for r in range(2)]
+    assert server.aggregate(0, [push[0]]).accepted == [0]
+    before = server.accumulators.clone()
+    result = server.aggregate(1, [push[1]])
+    assert result.accepted == [] and "SANITY_MAX_ABS_ACCUMULATOR" in result.rejected[0]
+    assert torch.equal(server.accumulators, before) and state_reloads(server)
+
+
+def test_pro_gradients_that_would_overflow_the_statistics_are_rejected():
+    server = all_selected(num_clients=1, num_seeds=64, pro=True, pro_clip=math.inf)
+    result = server.aggregate(0, [ClientUpdate(0, 1, [2, 2], [0.0, 0.0], [1.7e308, 1.7e308], server_round=0)])
+    assert result.accepted == [] and "Pro statistic" in result.rejected[0]
+    assert torch.isfinite(server.pro_abs_sum).all()
+
+
+def test_a_decoded_update_message_is_checked_for_its_round_as_it_is():
+    server = all_selected(num_clients=1, num_seeds=64)
+    message = UpdateMessage(server_round=0, client_id=0, num_samples=1, num_seeds=64, seed_indices=[7], scalars=[1.0])
+    assert server.aggregate(0, [message]).accepted == [0]
+    assert server.accumulators[7] == 1.0
+    result = server.aggregate(1, [message])  # the same bytes again, a round later
+    assert result.accepted == [] and server.accumulators[7] == 1.0
+
+
+# ---------------------------------------------------------------------- 11: the Flower client and server refuse
+def fake_task(local_steps: int = 4, total_steps: int = 40, num_seeds: int = 16):
+    """What `FederatedTask.train_client` checks before it trains, without building a model."""
+    return SimpleNamespace(
+        model=object(),
+        partition=SimpleNamespace(num_clients=3),
+        optimizer=SimpleNamespace(num_seeds=num_seeds),
+        federated=SimpleNamespace(local_steps=local_steps),
+        total_steps=total_steps,
+    )
+
+
+def sync(num_seeds: int = 16, schedule=None) -> SyncMessage:
+    return SyncMessage.build(
+        server_round=0, accumulators=torch.zeros(num_seeds, dtype=torch.float64), seed_schedule=schedule
+    )
+
+
+CLIENT_REFUSALS = {
+    "short schedule": (dict(message=sync(schedule=[1, 2, 3])), "exactly one per step"),
+    "long schedule": (dict(message=sync(schedule=[1, 2, 3, 4, 5])), "exactly one per step"),
+    "offset beyond the run": (dict(step_offset=10**12), "outside this run"),
+    "negative offset": (dict(step_offset=-4), "outside this run"),
+    "bool offset": (dict(step_offset=True), "outside this run"),
+    "other K": (dict(message=sync(num_seeds=32)), "K=32"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLIENT_REFUSALS))
+def test_the_flower_client_refuses_a_bad_request_at_once(kind):
+    from hf_fedkseed.flower.task import FederatedTask
+
+    case, match = CLIENT_REFUSALS[kind]
+    with pytest.raises(ValueError, match=match):
+        FederatedTask.train_client(
+            fake_task(), case.get("message", sync()), client_id=0, step_offset=case.get("step_offset", 0)
+        )
+
+
+class FakeReply:
+    """A Flower reply as `read_update` reads it (no flwr needed)."""
+
+    def __init__(self, payload: bytes):
+        self.content = {"update": {"payload": payload}}
+
+    def has_error(self) -> bool:
+        return False
+
+
+def test_the_flower_server_refuses_an_update_for_another_k():
+    from hf_fedkseed.flower.server_app import read_update
+
+    payload = UpdateMessage(
+        server_round=0, client_id=1, num_samples=UINT32_MAX, num_seeds=32, seed_indices=[3], scalars=[1.0]
+    ).encode()
+    update, size, _, reason = read_update(FakeReply(payload), client_id=1, round_index=0, num_seeds=16)
+    assert update is None and size == len(payload) and "K=32" in reason
+    update, _, _, reason = read_update(FakeReply(payload), client_id=1, round_index=0, num_seeds=32)
+    assert reason is None and (update.server_round, update.num_seeds) == (0, 32)
+
+
+def test_robust_statistics_by_hand_on_a_shared_seed():
+    # Five clients all drew seed 2; one pulls hard (9.5, inside the scalar outlier factor). Seed 3 is only
+    # client 0's: untrimmed, it moves exactly as under equal weights (value x 1/5).
+    values = [1.0, 2.0, 3.0, 4.0, 9.5]
+    updates = [ClientUpdate(c, 10, [2], [v], server_round=0) for c, v in enumerate(values)]
+    updates[0] = ClientUpdate(0, 10, [2, 3], [1.0, 0.5], server_round=0)
+    trimmed = all_selected(num_seeds=8, aggregation="trimmed_mean")
+    trimmed.aggregate(0, updates)
+    assert trimmed.accumulators[2].item() == pytest.approx(3.0)  # drop 1.0 and 9.5: mean(2, 3, 4) x 5/5
+    assert trimmed.accumulators[3].item() == pytest.approx(0.5 / 5)
+    median = all_selected(num_seeds=8, aggregation="median")
+    median.aggregate(0, updates)
+    assert median.accumulators[2].item() == pytest.approx(3.0) and median.accumulators[3].item() == pytest.approx(0.1)
