@@ -499,11 +499,17 @@ class FederatedCallback(RoundScheduleCallback):
             logger.warning("Round %d: update of client %d rejected: %s", round_index, client_id, reason)
         sync = self._sync_message(round_index + 1, schedule=None)
         aggregated = record["aggregated"]
-        if self.config.undo == "snapshot" and self._same_weights(aggregated, result):
+        corrections = self._corrections(aggregated, result) if self.config.undo == "snapshot" else None
+        if corrections is not None:
             # The weighted sum of the accepted clients' weight changes is the round's update: apply it in one pass
-            # instead of replaying every touched seed.
-            self.client.commit_aggregate(sync, scale=1.0 / sum(aggregated.values()))
-        else:  # a robust statistic, a clipped client or a client screened out: replay the server's accumulators
+            # instead of replaying every touched seed; a clipped client's share is then scaled down by replaying its
+            # own seeds only.
+            self.client.commit_aggregate(
+                sync,
+                scale=1.0 / sum(aggregated.values()),
+                correction=self._correction_coefficients(record["updates"], corrections),
+            )
+        else:  # a robust statistic or a client screened out: replay the server's accumulators
             self.client.catch_up(sync)
         self.optimizer.accumulators = self.client.synced.clone()
         clients = len(record["clients"])
@@ -547,13 +553,45 @@ class FederatedCallback(RoundScheduleCallback):
         self._round = None
 
     @staticmethod
-    def _same_weights(aggregated: dict[int, float], result) -> bool:
-        """Whether the clients' running aggregate holds exactly the server's round: same clients, same weights."""
-        if not result.accepted or not result.linear or sorted(aggregated) != result.accepted:
-            return False
+    def _corrections(aggregated: dict[int, float], result) -> dict[int, float] | None:
+        """How the clients' running aggregate differs from the server's round, or None when it cannot be corrected.
+
+        The running aggregate, normalised, gives client c the share `r_c = n_c / sum(n)`; the server's round is
+        `sum_c s_c dw_c` (`result.effective_weights`: `s_c = r_c * clip factor`). When both hold the same clients
+        with the same unclipped shares, the round is the committed aggregate plus `sum_c (s_c - r_c) dw_c` over the
+        clipped clients only: returns `{client_id: s_c - r_c}` of those (empty without clipping). None for a
+        coordinate-wise statistic, or when a client in the aggregate was screened out: the others' shares change
+        then, which would touch every client, and rejections are rare, so the caller replays the accumulators.
+        """
+        effective = result.effective_weights
+        if not result.accepted or effective is None or sorted(aggregated) != result.accepted:
+            return None
         total = sum(aggregated.values())
-        weights = result.weights.items()
-        return all(abs(aggregated[client_id] / total - weight) <= 1e-12 * weight for client_id, weight in weights)
+        corrections = {}
+        for client_id, weight in result.weights.items():
+            share = aggregated[client_id] / total
+            if abs(share - weight) > 1e-12 * weight:  # another weighting than the running aggregate's
+                return None
+            if client_id in result.clipped:
+                corrections[client_id] = effective[client_id] - share
+        return corrections
+
+    def _correction_coefficients(self, updates: list[ClientUpdate], corrections: dict[int, float]):
+        """`sum_c (s_c - r_c) dw_c` as seed-pool coefficients (float64, K), or None when there is nothing to add.
+
+        A client's local steps moved the weights by `dw_c = -sum_t scalar_t z_{seed_t}`, exactly the per-seed sums of
+        the update the server aggregated, so the correction replays only the corrected clients' seeds, merged.
+        """
+        if not corrections:
+            return None
+        coefficients = torch.zeros(self.server.num_seeds, dtype=torch.float64)
+        for update in updates:
+            factor = corrections.get(update.client_id)
+            if factor:
+                seeds = torch.as_tensor(update.seed_indices).to(torch.int64)
+                scalars = torch.as_tensor(update.scalars, dtype=torch.float64)
+                coefficients.index_add_(0, seeds, scalars, alpha=-factor)
+        return coefficients
 
     def _sync_message(self, round_index: int, schedule: torch.Tensor | None) -> SyncMessage:
         return SyncMessage.build(

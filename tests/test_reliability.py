@@ -208,6 +208,28 @@ def test_the_default_norm_bound_is_what_holds_the_attacker():
     assert result.clipped[4] * attacker_norm == pytest.approx(OUTLIER_NORM_FACTOR * median, rel=1e-12)
 
 
+def test_a_clipped_client_keeps_its_weight_share_and_only_its_contribution_shrinks():
+    """Norm bounding as in FL (clip, then average with the original weights): s_c = c_c * n_c / sum(n)."""
+    honest = [honest_update(c) for c in range(5)]
+    updates = [*honest[:4], byzantine_scalars(honest, "one_seed")]
+    counts = {0: 100, 1: 300, 2: 200, 3: 100, 4: 300}
+    server = all_selected()
+    result = server.aggregate(0, updates, sample_counts=counts)
+    factor = result.clipped[4]
+    assert list(result.clipped) == [4] and 0 < factor < 1
+    # The unclipped clients keep n_c / sum(n) over the accepted clients, exactly as in a round without clipping.
+    assert result.weights == {c: counts[c] / 1000 for c in range(5)}
+    assert result.effective_weights == {**result.weights, 4: counts[4] / 1000 * factor}
+    expected = torch.zeros(K, dtype=torch.float64)
+    for update in updates:  # ascending client id, as the server sums
+        local = torch.zeros(K, dtype=torch.float64).index_add_(0, update.seed_indices, update.scalars)
+        expected += result.effective_weights[update.client_id] * local
+    assert torch.equal(server.accumulators, expected)
+    # Robust statistics are not weighted means of the updates: no effective weights to apply them by.
+    for aggregation in ("trimmed_mean", "median"):
+        assert all_selected(aggregation=aggregation).aggregate(0, updates).effective_weights is None
+
+
 # ---------------------------------------------------------------------- 10: round, K, finite accumulators
 HOSTILE_UPDATES = {
     "replayed round": (lambda: honest_update(0, round_index=0), "replayed"),

@@ -188,17 +188,31 @@ class KSeedClient:
                 total.zero_()
 
     @torch.no_grad()
-    def commit_aggregate(self, sync: SyncMessage, scale: float) -> None:
-        """Move the weights to `w(synced) + scale * aggregate` and adopt `sync`'s accumulators, in one pass.
+    def commit_aggregate(self, sync: SyncMessage, scale: float, correction: torch.Tensor | None = None) -> int:
+        """Move the weights to `w(synced) + scale * aggregate (+ correction)` and adopt `sync`'s accumulators.
 
-        The caller guarantees that the aggregate holds exactly the clients the server accepted, weighted as it
-        weighted them (`scale` normalises the weights); the result equals `catch_up(sync)` up to float rounding,
-        without generating a single z.
+        The caller guarantees that the aggregate, scaled by `scale`, plus `correction` is the server's round: the
+        result equals `catch_up(sync)` up to float rounding. Without a correction it takes one pass and generates
+        no z; a correction replays only its non-zero seeds.
+
+        Args:
+            sync: the server's accumulators after the round.
+            scale: normalises the aggregate's unnormalised weights.
+            correction: optional float64 coefficients `c` (length K) of the seed pool: `sum_j c_j z_j` is added to
+                the weights after the aggregate, e.g. to scale down the share of a client the server clipped.
+
+        Returns:
+            How many seeds the correction replayed (0 without one).
         """
         if self._in_local or self._aggregate is None or self._snapshot is None:
             raise RuntimeError("commit_aggregate() needs a finished round in snapshot mode.")
         target = sync.apply_to(self.synced, client_round=self.synced_round)
-        if not (math.isfinite(scale) and torch.isfinite(target).all()):
+        if correction is not None:
+            correction = torch.as_tensor(correction, dtype=torch.float64).detach().cpu().flatten()
+            if correction.numel() != self.num_seeds:
+                raise ValueError(f"The correction holds {correction.numel()} coefficients; K={self.num_seeds}.")
+        finite = correction is None or bool(torch.isfinite(correction).all())
+        if not (math.isfinite(scale) and torch.isfinite(target).all() and finite):
             raise ValueError("commit_aggregate() would give non-finite accumulators; refused, weights unchanged.")
         # The new weights are formed in the aggregate's host buffers (reset next round anyway) and all checked
         # before any is written, so NaN or inf never reaches the model.
@@ -209,8 +223,17 @@ class KSeedClient:
                 raise RuntimeError(f"commit_aggregate() would write a non-finite weight in `{name}`; refused.")
         for total, (_, param) in zip(self._aggregate, self.named_params, strict=True):
             param.copy_(total)
+        replayed = 0
+        if correction is not None:
+            changed = correction.nonzero().flatten()
+            if changed.numel():
+                replayed = self.engine.replay_(
+                    self.named_params, self.seed_pool[changed].tolist(), correction[changed].tolist()
+                )
+                self._check_finite("commit_aggregate()")
         self.synced = target
         self.synced_round = sync.server_round
+        return replayed
 
     def state_dict(self) -> dict:
         """The synced accumulators and round (local training is never checkpointed: see FederatedCallback)."""

@@ -31,7 +31,11 @@ OUTLIER_SCALAR_FACTOR = 10.0
 # clients draw different seeds, so their vectors are near-orthogonal and an honest round of m clients moves about
 # sqrt(m) N / m (N: the median norm). An attacker clipped to c N, even aligned with the honest sum, moves it at most
 # (sqrt(m - 1) + c) N / m, i.e. (sqrt(m - 1) + c) / sqrt(m) times as far: with c = 2 that is <= 1.97 for every m >= 3
-# (1.79 for m = 5), the "at most 2x an honest round" guarantee. `norm_bound` aggregation clips at 1x instead.
+# (1.79 for m = 5), the "at most 2x an honest round" guarantee. This needs the clipped client to keep its unclipped
+# weight share (the norm bounding of FL: clip each update, then average with the original weights, as in Sun et al.
+# 2019): clipping scales only that client's contribution and never raises the others' shares, so the honest part of
+# the round still moves (m - 1) / m of its unattacked self and the attacker at most c N / m. `norm_bound` aggregation
+# clips at 1x instead.
 OUTLIER_NORM_FACTOR = 2.0
 # Without known counts, a client's claimed sample count is capped at this many times the round's median claim.
 COUNT_CAP_FACTOR = 4.0
@@ -125,7 +129,8 @@ class AggregationResult:
         round: the round that was aggregated.
         accepted: ids of the clients whose updates were added, ascending.
         rejected: `{client_id: reason}` for every update left out; none of them touched the server state.
-        weights: `{client_id: w_c}` of the accepted clients (they sum to one when any was accepted).
+        weights: `{client_id: w_c}` of the accepted clients (they sum to one when any was accepted): each client's
+            share before clipping, `n_c / sum(n)` over the accepted clients (or `1 / m`).
         seeds_touched: how many distinct seed indices the accepted updates used.
         delta: the change of the accumulators: `new = old + delta.to_dense(K)`, over the touched seeds.
         weighting: which weights were used: "known_counts" (counts the runtime passed), "capped" (the clients'
@@ -134,6 +139,10 @@ class AggregationResult:
             norm bound (factor < 1).
         linear: True when `delta = sum_c weights[c] * (the client's per-seed sums)` exactly (a weighted mean without
             clipping), so a runtime may apply the round as the weighted sum of the clients' weight changes.
+        effective_weights: for the weighted means ("samples", "equal", "norm_bound"), `{client_id: s_c}` with
+            `delta = sum_c s_c * (the client's per-seed sums)` exactly: `s_c = weights[c] * clipped.get(c, 1.0)`, a
+            clipped client keeps its share and only its contribution is scaled. None for the coordinate-wise
+            statistics ("trimmed_mean", "median"), which are not linear in the updates.
 
     Example:
         >>> result = server.aggregate(0, updates)
@@ -150,6 +159,7 @@ class AggregationResult:
     weighting: str = "equal"
     clipped: dict[int, float] = field(default_factory=dict)
     linear: bool = True
+    effective_weights: dict[int, float] | None = None
 
 
 @dataclass
@@ -337,7 +347,8 @@ class KSeedServer:
         Then, with at least `MIN_CLIENTS_TO_COMPARE` clients holding a non-zero update, the round screens them
         against each other, scale-free: a client whose largest |scalar| exceeds `OUTLIER_SCALAR_FACTOR` times the
         round's (lower) median client maximum is rejected, and a client whose vector of per-seed coefficients is
-        longer than `OUTLIER_NORM_FACTOR` (`norm_bound`: 1) times the median client norm is scaled down to it.
+        longer than `OUTLIER_NORM_FACTOR` (`norm_bound`: 1) times the median client norm is scaled down to it. A
+        clipped client keeps its weight share; only its contribution shrinks (`AggregationResult.effective_weights`).
 
         The weights are normalised over the accepted updates: the runtime's known `sample_counts` ("samples",
         "norm_bound"), else the claimed counts capped at `COUNT_CAP_FACTOR` times the median claim; one share each
@@ -409,6 +420,10 @@ class KSeedServer:
         self.pro_count, self.pro_abs_sum = pro_count, pro_abs_sum
         self.last_round = int(round)
         clipped = {checked.client_id: scales[checked.client_id] for checked in valid if scales[checked.client_id] < 1}
+        weighted_mean = self.aggregation in ("samples", "equal", "norm_bound")
+        effective = None
+        if weighted_mean:
+            effective = {client_id: self._effective_weight(weights, scales, client_id) for client_id in weights}
         return AggregationResult(
             round=int(round),
             accepted=[checked.client_id for checked in valid],
@@ -418,7 +433,8 @@ class KSeedServer:
             delta=SparseVector(indices, delta[indices]),
             weighting=weighting,
             clipped=clipped,
-            linear=self.aggregation in ("samples", "equal", "norm_bound") and not clipped,
+            linear=weighted_mean and not clipped,
+            effective_weights=effective,
         )
 
     def _screen(self, valid: list[_CheckedUpdate], rejected: dict[int, str]) -> tuple[list, dict[int, float]]:
@@ -475,13 +491,11 @@ class KSeedServer:
         columns = []
         for checked in valid:  # ascending client id: the float sums do not depend on arrival order
             local = checked.coefficients(num_seeds)
-            scale = scales[checked.client_id]
-            if scale != 1.0:
-                local = local * scale
             if self.aggregation in ("trimmed_mean", "median"):
-                columns.append(local)
-            else:
-                delta += weights[checked.client_id] * local
+                scale = scales[checked.client_id]
+                columns.append(local * scale if scale != 1.0 else local)
+            else:  # the clipped client keeps its share n_c / sum(n); only its contribution is scaled
+                delta += self._effective_weight(weights, scales, checked.client_id) * local
             touched[checked.seed_indices] = True
             if self.pro:
                 pro_count.index_add_(0, checked.seed_indices, torch.ones_like(checked.seed_indices))
@@ -523,13 +537,21 @@ class KSeedServer:
         delta[indices] = statistic * counts / clients
         return delta
 
+    @staticmethod
+    def _effective_weight(weights: dict[int, float], scales: dict[int, float], client_id: int) -> float:
+        """`s_c = w_c * clip factor`: the weight of a client's per-seed sums in a weighted-mean round."""
+        scale = scales[client_id]
+        return weights[client_id] * scale if scale != 1.0 else weights[client_id]
+
     def _overflowing_client(self, valid, weights, scales, accumulators, pro_abs_sum) -> tuple[int, str] | None:
         """The client to leave out when the combined round breaks the accumulators or the Pro sums, with why."""
         bad = ~torch.isfinite(accumulators) | (accumulators.abs() > SANITY_MAX_ABS_ACCUMULATOR)
         if bad.any():
             worst, culprit = -1.0, None
             for checked in valid:
-                share = weights[checked.client_id] * scales[checked.client_id] * checked.coefficients(self.num_seeds)
+                share = self._effective_weight(weights, scales, checked.client_id) * checked.coefficients(
+                    self.num_seeds
+                )
                 size = torch.nan_to_num(share[bad].abs(), nan=math.inf).max().item()
                 if size > worst:
                     worst, culprit = size, checked.client_id
