@@ -1,13 +1,18 @@
-"""KSeedArtifactsCallback: the KSeed delta and the model card in every checkpoint and output directory of a run."""
+"""KSeedArtifactsCallback: the KSeed delta, the model card and a sha256 manifest in every checkpoint of a run."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from .configs import RecipeError
 from .delta import KSEED_CONFIG_NAME, KSEED_DELTA_NAME, base_weights_sha256, save_kseed_delta
 from .model_card import KSEED_METHODS, write_model_card
 
@@ -15,6 +20,152 @@ logger = logging.getLogger(__name__)
 
 _STATE_NAME = "kseed_artifacts"
 _EVAL_KEYS = ("rougeL_before", "rougeL_after", "eval_loss_before", "eval_loss_after", "num_eval_samples")
+MANIFEST_NAME = "checkpoint_manifest.json"
+MANIFEST_FORMAT = "hf_fedkseed.checkpoint_manifest"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RecipeError):
+    """A checkpoint that cannot be resumed from (incomplete or corrupted); the CLI prints it and exits with code 2."""
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    """Every regular file of a checkpoint but the manifest and hidden (temporary) files, sorted."""
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path.is_file()
+        and path.name != MANIFEST_NAME
+        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    )
+
+
+def write_checkpoint_manifest(directory: str | Path) -> dict[str, Any]:
+    """Write `checkpoint_manifest.json`: the size and sha256 of every file in a checkpoint, atomically and last.
+
+    A checkpoint without it was cut short (a run killed while saving); `verify_checkpoint` checks it on resume.
+
+    Returns:
+        The manifest written.
+
+    Example:
+        >>> write_checkpoint_manifest("outputs/smoke/checkpoint-30")["files"]["model.safetensors"]["bytes"]
+    """
+    directory = Path(directory)
+    files = {
+        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+        for path in _checkpoint_files(directory)
+    }
+    manifest = {"format": MANIFEST_FORMAT, "format_version": 1, "files": files}
+    temporary = directory / f".{MANIFEST_NAME}.tmp"
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps(manifest, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, directory / MANIFEST_NAME)
+    return manifest
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Check a checkpoint against its manifest: every listed file present, of the recorded size and sha256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: for a missing directory or manifest (an incomplete checkpoint), an unreadable manifest,
+            or a file that is missing, truncated or altered; the message names the file and the fix.
+
+    Example:
+        >>> verify_checkpoint("outputs/smoke/checkpoint-30")
+    """
+    directory = Path(directory)
+    fix = "resume from another checkpoint (`--resume_from_checkpoint last` takes the newest complete one)"
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {str(directory)!r} is not a directory; {fix}.")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} has no {MANIFEST_NAME}: it is incomplete (the run stopped while saving "
+            f"it) or was not written by hf_fedkseed; {fix}."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files:
+            raise ValueError("not a checkpoint manifest")
+        for entry in files.values():
+            if not isinstance(entry["bytes"], int) or not isinstance(entry["sha256"], str):
+                raise ValueError("malformed entry")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is corrupted ({error}); {fix}.") from None
+    for name, entry in sorted(files.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing from the checkpoint; {fix}.")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{file} has {size} bytes but {MANIFEST_NAME} records {entry['bytes']} (truncated or replaced); {fix}."
+            )
+        if _file_sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{file} does not match its sha256 in {MANIFEST_NAME} (corrupted); {fix}.")
+    return manifest
+
+
+def checkpoint_directories(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` directories of `output_dir`, newest (highest step) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in output_dir.iterdir() if (match := _CHECKPOINT_DIR.match(path.name))]
+    return [path for _, path in sorted(found, reverse=True) if path.is_dir()]
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint in `output_dir` that passes `verify_checkpoint`; incomplete or corrupted ones are skipped
+    with a warning. None when there is none.
+
+    Example:
+        >>> trainer.train(resume_from_checkpoint=str(latest_complete_checkpoint("outputs/smoke")))
+    """
+    for directory in checkpoint_directories(output_dir):
+        try:
+            verify_checkpoint(directory)
+        except CheckpointError as error:
+            logger.warning("Skipping %s: %s", directory.name, error)
+            continue
+        return directory
+    return None
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> str | None:
+    """The verified checkpoint a run resumes from: a path, or `last` (the newest complete one in `output_dir`).
+
+    Raises:
+        CheckpointError: for a checkpoint that fails `verify_checkpoint`, or `last` with no complete checkpoint.
+
+    Example:
+        >>> resolve_resume_checkpoint("last", "outputs/smoke")
+        'outputs/smoke/checkpoint-30'
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "last":
+        found = latest_complete_checkpoint(output_dir)
+        if found is None:
+            raise CheckpointError(
+                f"`resume_from_checkpoint: last` found no complete checkpoint in {str(output_dir)!r}; start the run "
+                "without it, or pass a checkpoint directory."
+            )
+        return str(found)
+    verify_checkpoint(resume_from_checkpoint)
+    return str(resume_from_checkpoint)
 
 
 def describe_base(model_args) -> tuple[str, str | None, str]:
@@ -100,7 +251,8 @@ class KSeedArtifactsCallback(TrainerCallback):
 
     * `on_init_end` hashes the base weights (the model the Trainer receives), and the hash rides in the optimizer's
       state, so a resumed run still records its base, not the checkpoint's weights.
-    * `on_save` writes the delta and the card into `OUTPUT/checkpoint-<step>`.
+    * `on_save` writes the delta and the card into `OUTPUT/checkpoint-<step>`, then the checkpoint's manifest
+      (`write_checkpoint_manifest`), last, so a checkpoint with a manifest that verifies is complete.
     * `on_push_begin` writes them into `OUTPUT` (and the checkpoint) before the Trainer uploads it.
     * `finish(trainer, results)` writes them into `OUTPUT` at the end of training with the evaluation results, and
       pushes with the Trainer when `push_to_hub=True`, keeping this card instead of the Trainer's generic one.
@@ -153,6 +305,7 @@ class KSeedArtifactsCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 self.write(checkpoint, args=args, state=state, optimizer=optimizer)
+                write_checkpoint_manifest(checkpoint)  # last: its presence says the checkpoint is complete
 
     def on_push_begin(self, args, state, control, optimizer=None, **kwargs):
         if state.is_world_process_zero:
@@ -160,6 +313,7 @@ class KSeedArtifactsCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():  # a checkpoint push uploads it right after this event
                 self.write(checkpoint, args=args, state=state, optimizer=optimizer)
+                write_checkpoint_manifest(checkpoint)
 
     # ------------------------------------------------------------------ state (saved inside the optimizer's)
     def state_dict(self) -> dict:

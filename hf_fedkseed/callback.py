@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ class FederatedConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Invalid `{name}`: {value!r}; it must be a positive integer.")
 
+        def finite(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
         positive_int("rounds", self.rounds)
         positive_int("local_steps", self.local_steps)
         positive_int("min_client_size", self.min_client_size)
@@ -105,6 +109,29 @@ class FederatedConfig:
             positive_int("num_clients", self.num_clients)
         if (self.clients_per_round is None) == (self.client_fraction is None):
             raise ValueError("Set exactly one of `clients_per_round` and `client_fraction`.")
+        if self.clients_per_round is not None:
+            positive_int("clients_per_round", self.clients_per_round)
+            if (
+                self.partition != "natural"
+                and self.num_clients is not None
+                and self.clients_per_round > self.num_clients
+            ):
+                raise ValueError(
+                    f"Invalid `clients_per_round`: {self.clients_per_round}; it must be at most `num_clients` "
+                    f"({self.num_clients}). Lower it, or raise `num_clients`."
+                )
+        if self.client_fraction is not None and not (finite(self.client_fraction) and 0 < self.client_fraction <= 1):
+            raise ValueError(f"Invalid `client_fraction`: {self.client_fraction!r}; it must be a number in (0, 1].")
+        for name in ("dirichlet_alpha", "pro_clip") + (("max_abs_scalar",) if self.max_abs_scalar is not None else ()):
+            value = getattr(self, name)
+            if not (finite(value) and value > 0):
+                raise ValueError(f"Invalid `{name}`: {value!r}; it must be a finite number > 0.")
+        if not isinstance(self.partition_seed, int) or isinstance(self.partition_seed, bool) or self.partition_seed < 0:
+            raise ValueError(f"Invalid `partition_seed`: {self.partition_seed!r}; it must be an integer >= 0.")
+        if self.held_out is not None and (
+            not isinstance(self.held_out, list | tuple) or not all(isinstance(v, str) for v in self.held_out)
+        ):
+            raise ValueError(f"Invalid `held_out`: {self.held_out!r}; pass a list of `partition_column` values.")
         if self.partition not in STRATEGIES:
             raise ValueError(f"Invalid `partition` {self.partition!r}; choose one of {STRATEGIES}.")
         if self.partition in ("iid", "dirichlet") and self.num_clients is None:
@@ -375,7 +402,7 @@ class FederatedCallback(RoundScheduleCallback):
         if state.is_world_process_zero:
             self.rounds_path = Path(args.output_dir) / "rounds.jsonl"
             self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite_rounds_file(keep_below=round_index)
+            self._rewrite_rounds_file(keep_below=round_index, resumed_from=args.resume_from_checkpoint)
         logger.info(
             "FedKSeed%s: %d clients, %d per round, %d rounds x %d local steps = %d Trainer steps",
             "-Pro" if self.config.pro else "",
@@ -598,14 +625,45 @@ class FederatedCallback(RoundScheduleCallback):
             server_round=round_index, accumulators=self.server.accumulators, encoding="full", seed_schedule=schedule
         )
 
-    def _rewrite_rounds_file(self, keep_below: int) -> None:
-        """Keep the records of rounds before the resumed one (a killed run may have logged later rounds)."""
-        kept = []
-        if self.rounds_path.exists():
-            for line in self.rounds_path.read_text().splitlines():
-                if line.strip() and json.loads(line)["round"] < keep_below:
-                    kept.append(line)
-        self.rounds_path.write_text("".join(line + "\n" for line in kept))
+    def _rewrite_rounds_file(self, keep_below: int, resumed_from: str | None = None) -> None:
+        """Keep the records of the rounds before the resumed one, as the file and as `history`.
+
+        A killed run may have logged later rounds (dropped here) or torn its last line mid-write (dropped with a
+        warning). The kept records become `history`, so the summaries of a resumed run cover every round. Without
+        a `rounds.jsonl` in the output directory, the one beside the checkpoint `resumed_from` is read.
+        """
+        source = self.rounds_path
+        if not source.exists() and resumed_from:
+            source = Path(resumed_from).parent / "rounds.jsonl"
+        kept: list[dict] = []
+        if keep_below and source.exists():
+            lines = source.read_text(encoding="utf-8", errors="replace").splitlines()
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    round_index = record["round"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    where = "its last line is torn (a run killed mid-write)" if number == len(lines) else "a line"
+                    logger.warning("%s: %s; dropped line %d: %.60s", source, where, number, line)
+                    continue
+                if isinstance(round_index, int) and round_index < keep_below:
+                    kept.append(record)
+        kept = list({record["round"]: record for record in kept}.values())  # a repeated round: its last record
+        kept.sort(key=lambda record: record["round"])
+        if keep_below and [record["round"] for record in kept] != list(range(keep_below)):
+            logger.warning(
+                "%s holds records of %d of the %d rounds before the resumed one; the run's summaries cover only the "
+                "rounds recorded.",
+                source,
+                len(kept),
+                keep_below,
+            )
+        self.history = kept
+        temporary = self.rounds_path.with_name(f".{self.rounds_path.name}.tmp")
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        temporary.replace(self.rounds_path)
 
     # ------------------------------------------------------------------ state (saved inside the optimizer's)
     def state_dict(self) -> dict:

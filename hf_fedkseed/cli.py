@@ -51,14 +51,22 @@ def _train(recipe: str | None, overrides: list[str]) -> int:
 
         resolve_base(model_args)  # a missing package or GGUF file fails here, before anything heavy loads
     except RecipeError as error:  # BaseModelError included
-        print(f"hf-fedkseed train: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
+        return _usage_error("train", error)
     _setup_logging()
     from .pipeline import run_training
 
-    results = run_training(model_args, data_args, zo_args, federated_config, training_args)
+    try:  # the output directory, the checkpoint, the data and the partition are checked before the model loads
+        results = run_training(model_args, data_args, zo_args, federated_config, training_args)
+    except RecipeError as error:  # CheckpointError included
+        return _usage_error("train", error)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _usage_error(command: str, error: Exception) -> int:
+    """Print one line, `hf-fedkseed COMMAND: error: ...`, and return the usage-error exit code."""
+    print(f"hf-fedkseed {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -5,12 +5,62 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
+
+
+# ---------------------------------------------------------------------- field checks (one message naming the field)
+def _check_int(name: str, value, *, low: int, hint: str = "") -> None:
+    """`value` is an int (not a bool) of at least `low`, else a ValueError naming `name` and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"Invalid `{name}`: {value!r}; it must be {what}" + (f" ({hint})." if hint else "."))
+
+
+def _check_real(
+    name: str,
+    value,
+    *,
+    positive: bool = False,
+    low: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    hint: str = "",
+) -> None:
+    """`value` is a finite number in the given range, else a ValueError naming `name` and the fix."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    ranges = []
+    if positive:
+        ranges.append("> 0")
+        ok = ok and value > 0
+    if low is not None:
+        ranges.append(f">= {low:g}")
+        ok = ok and value >= low
+    if below is not None:
+        ranges.append(f"< {below:g}")
+        ok = ok and value < below
+    if at_most is not None:
+        ranges.append(f"<= {at_most:g}")
+        ok = ok and value <= at_most
+    if not ok:
+        what = "a finite number" + (f" {' and '.join(ranges)}" if ranges else "")
+        raise ValueError(f"Invalid `{name}`: {value!r}; it must be {what}" + (f" ({hint})." if hint else "."))
+
+
+def _check_text(name: str, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"Invalid `{name}`: {value!r}; pass a non-empty string.")
+
+
+def _check_names(name: str, value) -> None:
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"Invalid `{name}`: {value!r}; pass a non-empty list of names.")
 
 
 @dataclass
@@ -55,6 +105,11 @@ class ModelArguments:
     def __post_init__(self):
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("Set at most one of `load_in_8bit` and `load_in_4bit`.")
+        _check_text("model_name_or_path", self.model_name_or_path)
+        _check_int("lora_r", self.lora_r, low=1, hint="a LoRA rank such as 8")
+        _check_real("lora_alpha", self.lora_alpha, positive=True, hint="e.g. 16")
+        _check_real("lora_dropout", self.lora_dropout, low=0.0, below=1.0, hint="a probability in [0, 1)")
+        _check_names("lora_target_modules", self.lora_target_modules)
 
 
 @dataclass
@@ -91,6 +146,19 @@ class DataArguments:
         metadata={"help": "Also evaluate the held-out rows (Rouge-L and loss) every N rounds; 0: before and after."},
     )
 
+    def __post_init__(self):
+        _check_text("dataset_name", self.dataset_name)
+        _check_int("max_length", self.max_length, low=1, hint="the tokens per example, e.g. 1024")
+        _check_real("eval_fraction", self.eval_fraction, low=0.0, below=1.0, hint="a share in [0, 1), e.g. 0.02")
+        if self.max_samples_per_task is not None:
+            _check_int("max_samples_per_task", self.max_samples_per_task, low=1, hint="or leave it unset for all")
+        if self.max_eval_samples is not None:
+            _check_int("max_eval_samples", self.max_eval_samples, low=0, hint="or leave it unset for all rows")
+        _check_int("max_new_tokens", self.max_new_tokens, low=1, hint="e.g. 128")
+        _check_int("eval_every_rounds", self.eval_every_rounds, low=0, hint="0 evaluates only before and after")
+        if self.held_out_categories is not None:
+            _check_names("held_out_categories", self.held_out_categories)
+
 
 @dataclass
 class ZOArguments:
@@ -107,6 +175,19 @@ class ZOArguments:
     )
     grad_clip: float | None = field(default=None, metadata={"help": "Skip steps with |L+ - L-| above this."})
 
+    def __post_init__(self):
+        _check_real("zo_eps", self.zo_eps, positive=True, hint="the perturbation scale, e.g. 5e-4")
+        _check_int("num_seeds", self.num_seeds, low=1, hint="K, e.g. 4096")
+        if self.grad_clip is not None:
+            _check_real("grad_clip", self.grad_clip, positive=True, hint="or leave it unset")
+        if self.engine is not None:
+            from .perturbation import ENGINES
+
+            if self.engine not in ENGINES:
+                raise ValueError(
+                    f"Invalid `engine`: {self.engine!r}; choose one of {sorted(ENGINES)} or leave it unset."
+                )
+
 
 class RecipeError(ValueError):
     """A recipe or command line that cannot run; the CLI prints it and exits with code 2."""
@@ -121,17 +202,107 @@ def recipe_dataclasses() -> tuple[type, ...]:
     return (ModelArguments, DataArguments, ZOArguments, FederatedConfig, TrainingArguments)
 
 
-def _as_flags(key: str, value) -> list[str]:
-    """One YAML entry as command-line tokens, so argparse checks its type exactly as it checks a flag."""
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def _as_flags(key: str, value, *, takes_list: bool) -> list[str]:
+    """One YAML entry as command-line tokens, so argparse checks its type exactly as it checks a flag.
+
+    A single value becomes `--key=value`, so a negative number is not mistaken for an option.
+
+    Raises:
+        RecipeError: for a list given to a field that takes one value (`rounds: [5]`).
+    """
     if value is None:
         return []
-    if isinstance(value, bool):
-        return [f"--{key}", "true" if value else "false"]
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list | tuple):
+        if not takes_list:
+            raise RecipeError(
+                f"`{key}` takes a single value, not a list ({value!r}); write e.g. `{key}: "
+                f"{value[0] if value else '...'}`."
+            )
         return [f"--{key}", *[str(item) for item in value]] if value else []
+    if isinstance(value, bool):
+        return [f"--{key}=" + ("true" if value else "false")]
     if isinstance(value, dict):
-        return [f"--{key}", json.dumps(value)]
-    return [f"--{key}", str(value)]
+        return [f"--{key}={json.dumps(value)}"]
+    return [f"--{key}={value}"]
+
+
+def _join_negative_values(tokens: Sequence[str], single_value_flags: set[str]) -> list[str]:
+    """`--flag -1e-3` as `--flag=-1e-3`: argparse would read a negative number in exponent form as an option."""
+    joined: list[str] = []
+    position = 0
+    while position < len(tokens):
+        token = tokens[position]
+        following = tokens[position + 1] if position + 1 < len(tokens) else None
+        if token in single_value_flags and following is not None and _NEGATIVE_NUMBER.match(following):
+            joined.append(f"{token}={following}")
+            position += 2
+            continue
+        joined.append(token)
+        position += 1
+    return joined
+
+
+def _extra_values_message(argv: Sequence[str], single_value_flags: set[str]) -> str | None:
+    """Name the flag that got more values than it takes (HfArgumentParser only says "arguments are not used")."""
+    flag, values = None, 0
+    for token in argv:
+        if token.startswith("--"):
+            flag, values = (token, 0) if "=" not in token else (token.split("=")[0], 1)
+            continue
+        values += 1
+        if flag in single_value_flags and values > 1:
+            name = flag[2:]
+            return f"`{name}` takes a single value but got more (extra: {token!r}); pass one value, e.g. `--{name} N`."
+    return None
+
+
+def validate_recipe(model_args, data_args, zo_args, federated_config, training_args) -> None:
+    """Check what the dataclasses cannot check alone: the TrainingArguments a federated run relies on, and the
+    combinations of fields. Runs when the recipe is parsed, before anything heavy loads.
+
+    Raises:
+        RecipeError: naming the field and the fix.
+
+    Example:
+        >>> validate_recipe(*parse_recipe("recipes/smoke.yaml"))
+    """
+
+    def check(function, *args, **kwargs) -> None:
+        try:
+            function(*args, **kwargs)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
+
+    check(_check_real, "learning_rate", training_args.learning_rate, positive=True, hint="e.g. 1e-3")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        check(_check_int, name, getattr(training_args, name), low=1, hint="e.g. 1")
+    if training_args.dataloader_num_workers:
+        raise RecipeError(
+            f"Invalid `dataloader_num_workers`: {training_args.dataloader_num_workers!r}; the federated stream is read "
+            "in step order, set it to 0."
+        )
+    strategy = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
+    if strategy == "steps" and not training_args.save_steps > 0:
+        raise RecipeError(
+            f"Invalid `save_steps`: {training_args.save_steps!r}; with `save_strategy: steps` it must be > 0."
+        )
+    per_round = federated_config.clients_per_round
+    if per_round is not None and training_args.max_steps > 0:
+        needed = federated_config.rounds * per_round * federated_config.local_steps
+        if training_args.max_steps < needed:
+            raise RecipeError(
+                f"Invalid `max_steps`: {training_args.max_steps}; the rounds take rounds x clients_per_round x "
+                f"local_steps = {needed} steps. Leave `max_steps` unset (the rounds define the run's length)."
+            )
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume != "last" and not Path(resume).is_dir():
+        raise RecipeError(
+            f"`resume_from_checkpoint`: {resume!r} is not a directory; pass a checkpoint-<step> directory of the run, "
+            "or `last` for the newest complete checkpoint in `output_dir`."
+        )
 
 
 def parse_recipe(recipe: str | Path | None, overrides: Sequence[str] = (), *, prog: str = "hf-fedkseed train"):
@@ -139,15 +310,20 @@ def parse_recipe(recipe: str | Path | None, overrides: Sequence[str] = (), *, pr
 
     Recipe keys are exactly the fields of `recipe_dataclasses()`; a flag given on the command line wins over the
     YAML value. Values pass through the same argparse conversion as flags, so a wrong type in the YAML is reported
-    as it would be for a flag.
+    as it would be for a flag; then every value is checked for its range (the dataclasses' `__post_init__` and
+    `validate_recipe`), so a bad value fails here, before any model loads.
 
     Returns:
         `(model_args, data_args, zo_args, federated_config, training_args)`.
 
     Raises:
-        RecipeError: for a missing file, a YAML that is not a mapping, unknown keys (with the closest valid names),
-            wrong types, invalid choices, missing required fields or an invalid combination; one message, no
-            traceback needed.
+        RecipeError: for a missing or non-UTF-8 file, a YAML that is not a mapping, unknown keys (with the closest
+            valid names), a list for a single-valued field, wrong types, invalid choices, out-of-range values,
+            missing required fields or an invalid combination; one message naming the field, no traceback needed.
+
+    Example:
+        >>> model_args, data_args, zo_args, federated_config, training_args = parse_recipe(
+        ...     "recipes/smoke.yaml", ["--rounds", "2", "--learning_rate", "-1e-3"])  # RecipeError: `learning_rate`
     """
     import argparse
 
@@ -159,19 +335,26 @@ def parse_recipe(recipe: str | Path | None, overrides: Sequence[str] = (), *, pr
         if not path.is_file():
             raise RecipeError(f"recipe {str(path)!r} not found; pass the path of a YAML file such as recipes/*.yaml")
         try:
-            config = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise RecipeError(
+                f"recipe {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+            ) from None
+        try:
+            config = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
+            message = " ".join(str(error).split())
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {message}") from None
         if not isinstance(config, dict):
             raise RecipeError(f"recipe {str(path)!r} must be a mapping of field: value, not {type(config).__name__}")
 
     classes = recipe_dataclasses()
     known = sorted({f.name for cls in classes for f in dataclasses.fields(cls) if f.init})
-    unknown = [key for key in config if key not in known]
+    unknown = [key for key in config if not isinstance(key, str) or key not in known]
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(str(key), known, n=1)
             hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
         raise RecipeError(
             f"unknown key(s) in {recipe}: {', '.join(hints)}. Valid keys are the fields of ModelArguments, "
@@ -184,15 +367,29 @@ def parse_recipe(recipe: str | Path | None, overrides: Sequence[str] = (), *, pr
             raise RecipeError(message)
 
     parser = _Parser(classes, prog=prog)
-    argv = [token for key, value in config.items() for token in _as_flags(key, value)] + list(overrides)
+    actions = {action.dest: action for action in parser._actions}
+    takes_list = {dest for dest, action in actions.items() if action.nargs in ("+", "*")}
+    single_value_flags = {
+        option
+        for option, action in parser._option_string_actions.items()
+        if action.nargs is None and option.startswith("--")
+    }
+    argv = [
+        token for key, value in config.items() for token in _as_flags(key, value, takes_list=key in takes_list)
+    ] + _join_negative_values(list(overrides), single_value_flags)
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
+        parsed = tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
     except RecipeError:
         raise
     except (ValueError, TypeError, argparse.ArgumentError) as error:
-        message = str(error)
+        message = " ".join(str(error).split())
         if "Some specified arguments are not used" in message:
             flags = [token for token in overrides if token.startswith("--")]
             unknown_flags = [flag for flag in flags if flag[2:].split("=")[0].replace("-", "_") not in known]
-            message = f"unknown option(s): {', '.join(unknown_flags) or message}; see `{prog} --help`"
+            if unknown_flags:
+                message = f"unknown option(s): {', '.join(unknown_flags)}; see `{prog} --help`"
+            else:
+                message = _extra_values_message(argv, single_value_flags) or message
         raise RecipeError(message) from None
+    validate_recipe(*parsed)
+    return parsed

@@ -552,8 +552,40 @@ def _read_source(name: str, path: Path) -> datasets.DatasetDict:
             raise ValueError(
                 f"Unsupported file type {path.suffix!r} for dataset {name!r}; pass a .json, .jsonl or .parquet file."
             )
-        return datasets.load_dataset(builder, data_files={"train": str(path)})
-    return datasets.load_dataset(str(path) if path.is_dir() else name)
+        if path.stat().st_size == 0 or (builder == "json" and not _check_utf8(path)):
+            raise ValueError(f"Dataset file {name!r} is empty; pass a file with rows.")
+        source = datasets.load_dataset(builder, data_files={"train": str(path)})
+    else:
+        source = datasets.load_dataset(str(path) if path.is_dir() else name)
+    if not source or all(len(split) == 0 for split in source.values()):
+        raise ValueError(f"Dataset {name!r} holds no rows; pass a file or dataset with rows.")
+    return source
+
+
+def _check_utf8(path: Path, chunk_bytes: int = 1 << 24) -> bool:
+    """Raise a ValueError naming `path` and the first bad byte unless the file is UTF-8 text (read in chunks).
+
+    Returns:
+        Whether the file holds anything but whitespace.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, content = 0, False
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"Dataset file {str(path)!r} is not UTF-8 text (byte {offset + error.start}: {error.reason}); "
+                    "convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`."
+                ) from None
+            if not chunk:
+                return content
+            content = content or bool(chunk.strip())
+            offset += len(chunk)
 
 
 def _check_columns(found: list[str], dataset_format: str, name: str) -> None:
@@ -689,8 +721,16 @@ def _read_tasks(root: Path, tasks: list[str], cap: int | None, seed: int) -> dat
     skipped = 0
     for task in tasks:
         path = root / "tasks" / f"{task}.json"
-        with path.open(encoding="utf-8") as handle:
-            content = json.load(handle)
+        try:
+            with path.open(encoding="utf-8") as handle:
+                content = json.load(handle)
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"Natural-Instructions task file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
+                "convert it to UTF-8."
+            ) from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Natural-Instructions task file {str(path)!r} is not valid JSON ({error}).") from None
         for key in ("Definition", "Instances"):
             if key not in content:
                 raise ValueError(

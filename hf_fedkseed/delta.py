@@ -86,6 +86,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def _sorted_metadata(payload: bytes) -> bytes:
+    """The same safetensors bytes with the metadata keys sorted: safetensors writes them in hash-map order, which
+    varies from process to process, and the same accumulators must give the same file (and `delta_sha256`)."""
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > length:  # cannot happen (same keys and values); keep the original rather than break the file
+        return payload
+    return payload[:8] + text.ljust(length) + payload[8 + length :]
+
+
 def _dtype_counts(params: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for _, param in params:
@@ -187,7 +199,9 @@ def save_kseed_delta(
     tensors = {"accumulators": optimizer.accumulators.detach().to(torch.float64).contiguous()}
     if not pool_is_drawn:
         tensors["seed_pool"] = seed_pool.contiguous()
-    payload = save_safetensors(tensors, metadata={"format": DELTA_FORMAT, "format_version": str(DELTA_FORMAT_VERSION)})
+    payload = _sorted_metadata(
+        save_safetensors(tensors, metadata={"format": DELTA_FORMAT, "format_version": str(DELTA_FORMAT_VERSION)})
+    )
     accumulators = tensors["accumulators"]
     engine = optimizer.engine
     config = {
@@ -286,7 +300,46 @@ def _parse_config(config_path: Path) -> dict[str, Any]:
     missing = [key for key in required if key not in config]
     if missing:
         raise ValueError(f"{config_path} lacks {', '.join(missing)}; the KSeed config is incomplete or corrupted.")
+    for key, expected in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if key in config and not (isinstance(value, expected) and not isinstance(value, bool)):
+            names = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
+            raise ValueError(
+                f"{config_path}: `{key}` is {type(value).__name__} {value!r:.60}, not {names}; the KSeed config is "
+                "corrupted. Download or copy it again."
+            )
+    trained = config["trained_parameters"]
+    if trained != "all" and not (isinstance(trained, list) and all(isinstance(name, str) for name in trained)):
+        raise ValueError(
+            f'{config_path}: `trained_parameters` is {trained!r:.60}, not "all" or a list of parameter names; the '
+            "KSeed config is corrupted."
+        )
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in config["parameter_dtypes"].items()):
+        raise ValueError(f"{config_path}: `parameter_dtypes` must map dtype names to counts; the config is corrupted.")
+    if config["num_seeds"] < 1 or config["delta_bytes"] < 0:
+        raise ValueError(f"{config_path}: `num_seeds` and `delta_bytes` must be positive; the config is corrupted.")
     return config
+
+
+# The JSON type of each field a delta config must hold (`trained_parameters`: "all" or a list, checked apart).
+_CONFIG_TYPES: dict[str, type | tuple[type, ...]] = {
+    "base_weights_sha256": str,
+    "engine": str,
+    "engine_version": int,
+    "device_type": str,
+    "num_seeds": int,
+    "seed": int,
+    "seed_pool_sha256": str,
+    "parameter_dtypes": dict,
+    "trained_parameters": (str, list),
+    "num_trained_tensors": int,
+    "delta_bytes": int,
+    "delta_sha256": str,
+    "weight_decay": (int, float),
+    "base_model": (str, type(None)),
+    "base_model_revision": (str, type(None)),
+    "base_model_gguf_file": (str, type(None)),
+}
 
 
 def load_kseed_delta(
@@ -355,8 +408,7 @@ def load_kseed_delta(
     accumulators = tensors.get("accumulators")
     if accumulators is None or accumulators.dtype != torch.float64 or tuple(accumulators.shape) != (num_seeds,):
         raise ValueError(f"{delta_path} must hold `accumulators`, float64 of shape ({num_seeds},) (K in the config).")
-    if not torch.isfinite(accumulators).all():
-        raise ValueError(f"{delta_path} holds non-finite accumulators; the delta is unusable.")
+    _check_accumulators(accumulators, str(delta_path))
     if "seed_pool" in tensors:
         seed_pool = tensors["seed_pool"]
         if seed_pool.dtype != torch.int64 or tuple(seed_pool.shape) != (num_seeds,):
@@ -369,6 +421,21 @@ def load_kseed_delta(
             "the same seed. Install the hf_fedkseed version that wrote the delta."
         )
     return KSeedDelta(config=config, accumulators=accumulators, seed_pool=seed_pool)
+
+
+def _check_accumulators(accumulators: torch.Tensor, where: str) -> None:
+    """Refuse accumulators no training produces: non-finite, or beyond the server's sanity bound."""
+    from .federated.server import SANITY_MAX_ABS_ACCUMULATOR
+
+    if not torch.isfinite(accumulators).all():
+        raise ValueError(f"{where} holds non-finite accumulators; the delta is unusable.")
+    largest = accumulators.abs().max().item() if accumulators.numel() else 0.0
+    if largest > SANITY_MAX_ABS_ACCUMULATOR:
+        raise ValueError(
+            f"{where} holds an accumulator of magnitude {largest:.3g}, above the sanity bound "
+            f"SANITY_MAX_ABS_ACCUMULATOR={SANITY_MAX_ABS_ACCUMULATOR:g} that the server enforces during training; the "
+            "delta is corrupted or forged and would wreck the weights. Use a delta written by `hf-fedkseed train`."
+        )
 
 
 def _trained_params(model: nn.Module, config: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
@@ -459,8 +526,11 @@ def apply_kseed(
             f"records {config['base_weights_sha256']} (base {config.get('base_model')!r}, revision "
             f"{config.get('base_model_revision')!r}{gguf}). Load exactly that base, freshly (no other delta applied)."
         )
+    _check_accumulators(
+        delta.accumulators, "The delta"
+    )  # load_kseed_delta checks it; a KSeedDelta built by hand may not
     coefficients = (-delta.accumulators).tolist()
-    if not all(math.isfinite(value) for value in coefficients):  # load_kseed_delta checks it; a KSeedDelta may not
+    if not all(math.isfinite(value) for value in coefficients):
         raise ValueError("The delta holds non-finite accumulators.")
     with torch.no_grad():
         engine.replay_(params, delta.seed_pool.tolist(), coefficients)

@@ -26,7 +26,8 @@ def files_to_upload(folder: str | os.PathLike, *, delta_only: bool = False) -> l
         delta_only: only the KSeed delta and the model card (a few kilobytes), not the merged model.
 
     Raises:
-        ValueError: if `folder` is not a directory, or `delta_only` and it holds no KSeed delta.
+        ValueError: if `folder` is not a directory, `delta_only` and it holds no KSeed delta, or a file to upload is
+            a symbolic link (itself or through a linked folder) to a path outside `folder`.
 
     Example:
         >>> files_to_upload("outputs/quickstart", delta_only=True)
@@ -45,9 +46,23 @@ def files_to_upload(folder: str | os.PathLike, *, delta_only: bool = False) -> l
         )
     files = {path.relative_to(folder).as_posix(): path for path in sorted(folder.glob("**/*")) if path.is_file()}
     allow = list(DELTA_FILES) if delta_only else None
-    selected = filter_repo_objects(
-        files, allow_patterns=allow, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS
+    selected = list(
+        filter_repo_objects(files, allow_patterns=allow, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS)
     )
+    root = folder.resolve()
+    linked_folders = {}  # the upload walks into a linked folder; glob does not, so check the links themselves
+    if not delta_only:
+        links = {path.relative_to(folder).as_posix(): path for path in folder.glob("**/*") if path.is_symlink()}
+        kept = filter_repo_objects(links, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS)
+        linked_folders = {name: links[name] for name in kept if links[name].is_dir()}
+    for name, path in [*((name, files[name]) for name in selected), *linked_folders.items()]:
+        # upload_folder follows links: a link out of the folder would upload a foreign file
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise ValueError(
+                f"{name!r} in {str(folder)!r} is a symbolic link to {str(target)!r}, outside the folder; a push "
+                "uploads only the run's own files. Replace the link with a copy of the file, or remove it."
+            )
     return [(name, files[name].stat().st_size) for name in selected]
 
 

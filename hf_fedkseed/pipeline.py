@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -209,43 +210,107 @@ class RoundEvaluationCallback(TrainerCallback):
             self.evaluation(done, _cumulative_bytes_per_client(self.federated.history))
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """Create `output_dir` if needed and make sure files can be written in it, before anything heavy loads.
+
+    Raises:
+        RecipeError: for a path that is an existing file, or a directory that cannot be created or written.
+
+    Example:
+        >>> check_output_dir("outputs/smoke")
+    """
+    from .configs import RecipeError
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RecipeError(f"`output_dir`: {str(output_dir)!r} is an existing file; pass a directory path.")
+    probe = output_dir / f".hf_fedkseed_write_test_{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RecipeError(
+            f"`output_dir`: cannot write in {str(output_dir)!r} ({error.strerror or error}); pass a writable directory."
+        ) from None
+
+
 def run_training(model_args, data_args, zo_args, federated_config, training_args) -> dict:
     """Run the job a recipe describes and return its results (also written to `output_dir`).
 
-    Loads the tokenizer, model and instruction data, tokenizes the training split, evaluates Rouge-L on the held-out
-    split, runs the federated rounds through the stock Trainer with `KSeedZOOptimizer` and `FederatedCallback`,
-    evaluates again, and writes the model (safetensors), the tokenizer, `rounds.jsonl`, `eval_results.json`,
-    `training.png`, the KSeed delta and the model card to `training_args.output_dir` (pushed if `push_to_hub`).
+    Checks the output directory, the checkpoint to resume from (`resume_from_checkpoint`: a path or `last`, verified
+    against its manifest), the instruction data and the partition before the model loads; then tokenizes, evaluates
+    Rouge-L on the held-out split, runs the federated rounds through the stock Trainer with `KSeedZOOptimizer` and
+    `FederatedCallback` (resumed when asked), evaluates again, and writes the model (safetensors), the tokenizer,
+    `rounds.jsonl`, `eval_results.json`, `training.png`, the KSeed delta and the model card to
+    `training_args.output_dir` (pushed if `push_to_hub`). A resumed run's summaries cover every round.
+
+    Raises:
+        RecipeError: for an output directory that cannot be written, a checkpoint that is incomplete or corrupted
+            (`CheckpointError`), data that cannot be read, or a partition that does not fit the data; raised before
+            the model loads.
     """
     from transformers import Trainer
 
-    from .artifacts import KSeedArtifactsCallback, run_summary
+    from .artifacts import KSeedArtifactsCallback, resolve_resume_checkpoint, run_summary
     from .baselines.setup import BASELINE_METHODS, prepare_baseline
-    from .callback import FederatedCallback
+    from .callback import FederatedCallback, build_partition
+    from .configs import RecipeError
     from .data import load_instruction_dataset, tokenize_for_generation, tokenize_for_training, training_collator
+    from .federated.server import KSeedServer
     from .optimizer import KSeedZOOptimizer
 
     started = time.perf_counter()
+    # Everything a recipe can get wrong is checked before the model loads: the output directory, the checkpoint to
+    # resume from, the data and the partition (RecipeError: the CLI prints one line and exits with code 2).
     output_dir = Path(training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    existed = output_dir.exists()
+    try:
+        check_output_dir(output_dir)
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+        training_args.resume_from_checkpoint = resume  # FederatedCallback reads it to restore the round history
+        if resume is not None:
+            logger.info("Resuming from %s (manifest verified)", resume)
 
-    tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, seed=training_args.seed, vocab_size=len(tokenizer))
-    data = load_instruction_dataset(
-        data_args.dataset_name,
-        data_args.dataset_format,
-        eval_fraction=data_args.eval_fraction,
-        held_out_categories=data_args.held_out_categories,
-        max_samples_per_task=data_args.max_samples_per_task,
-        seed=training_args.seed,
-    )
-    train_rows = tokenize_for_training(
-        data["train"], tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
-    )
-    test = cap_rows(data["test"], data_args.max_eval_samples, training_args.seed)
-    eval_rows = tokenize_for_generation(test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format)
-    loss_rows = tokenize_for_training(test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format)
+        try:
+            data = load_instruction_dataset(
+                data_args.dataset_name,
+                data_args.dataset_format,
+                eval_fraction=data_args.eval_fraction,
+                held_out_categories=data_args.held_out_categories,
+                max_samples_per_task=data_args.max_samples_per_task,
+                seed=training_args.seed,
+            )
+        except (ValueError, OSError) as error:
+            raise RecipeError(f"`dataset_name`: {' '.join(str(error).split())}") from None
+        if len(data["train"]) == 0:
+            raise RecipeError(
+                f"`dataset_name`: dataset {data_args.dataset_name!r} has no training rows; check the file."
+            )
+        tokenizer = load_tokenizer(model_args)
+        try:
+            train_rows = tokenize_for_training(
+                data["train"], tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
+            )
+            test = cap_rows(data["test"], data_args.max_eval_samples, training_args.seed)
+            eval_rows = tokenize_for_generation(
+                test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
+            )
+            loss_rows = tokenize_for_training(
+                test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
+            )
+            partition = build_partition(federated_config, train_rows)
+            KSeedServer.resolve_clients_per_round(
+                partition.num_clients, federated_config.clients_per_round, federated_config.client_fraction
+            )
+        except ValueError as error:
+            raise RecipeError(" ".join(str(error).split())) from None
+    except RecipeError:  # leave no empty output directory behind
+        if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
     collator = training_collator(tokenizer)
+    model = load_model(model_args, seed=training_args.seed, vocab_size=len(tokenizer))
 
     evaluation = HeldOutEvaluation(
         model,
@@ -281,7 +346,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             engine=zo_args.engine,
             grad_clip=zo_args.grad_clip,
         )
-        federated = FederatedCallback(federated_config, train_rows)
+        federated = FederatedCallback(federated_config, train_rows, partition=partition)
     # The KSeed delta and the model card in every checkpoint, and in `output_dir` by `artifacts.finish` below.
     artifacts = KSeedArtifactsCallback(
         run_summary(model_args, data_args, zo_args, federated_config, training_args), federated=federated
@@ -304,7 +369,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             )
         )
     train_started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_started
 
     history = federated.history

@@ -287,3 +287,54 @@ def test_load_returns_the_verified_pieces(trained):
     assert delta.num_seeds == 32 and torch.equal(delta.seed_pool, optimizer.seed_pool)
     assert delta.engine.name in ENGINES
     assert load_kseed_delta(output / KSEED_CONFIG_NAME).config == delta.config  # the config's path works too
+
+
+# ---------------------------------------------------------------------- Reliability 12: forged or mistyped configs
+def test_absurd_accumulators_with_a_recomputed_checksum_are_refused(delta_copy):
+    import hashlib
+
+    from safetensors.torch import save
+
+    for value in (1e300, -2e6):
+        payload = save({"accumulators": torch.full((32,), value, dtype=torch.float64)})
+        (delta_copy / KSEED_DELTA_NAME).write_bytes(payload)
+        edit_config(delta_copy, delta_bytes=len(payload), delta_sha256=f"sha256:{hashlib.sha256(payload).hexdigest()}")
+        refused(delta_copy, tiny_llama(), "above the sanity bound SANITY_MAX_ABS_ACCUMULATOR=1e[+]06")
+
+
+def test_a_hand_built_delta_is_bounded_too(trained):
+    output, _, _ = trained
+    delta = load_kseed_delta(output)
+    forged = type(delta)(config=delta.config, accumulators=delta.accumulators * 1e300, seed_pool=delta.seed_pool)
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="above the sanity bound"):
+        apply_kseed(model, forged)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"engine": ["counter"]}, r"`engine` is list \['counter'\], not str"),
+        ({"base_weights_sha256": ["sha256:0"]}, "`base_weights_sha256` is list"),
+        ({"num_seeds": "32"}, "`num_seeds` is str '32', not int"),
+        ({"delta_bytes": True}, "`delta_bytes` is bool True, not int"),
+        ({"trained_parameters": [1, 2]}, r"`trained_parameters` is \[1, 2\], not \"all\" or a list of parameter names"),
+        ({"parameter_dtypes": {"float32": "many"}}, "`parameter_dtypes` must map dtype names to counts"),
+        ({"weight_decay": "0"}, "`weight_decay` is str"),
+    ],
+)
+def test_a_config_field_of_the_wrong_type_is_a_value_error(delta_copy, changes, match):
+    edit_config(delta_copy, **changes)
+    refused(delta_copy, tiny_llama(), match)
+
+
+def test_the_delta_file_is_the_same_bytes_for_the_same_accumulators(trained, tmp_path):
+    # safetensors writes its metadata in hash-map order; the delta sorts it, so a resumed run's file is identical.
+    output, _, optimizer = trained
+    config = json.loads((output / KSEED_CONFIG_NAME).read_text())
+    save_kseed_delta(optimizer, tmp_path, base_weights_sha256=config["base_weights_sha256"])
+    data = (tmp_path / KSEED_DELTA_NAME).read_bytes()
+    assert b'{"__metadata__":{"format":"hf_fedkseed.kseed_delta","format_version":"1"}' in data
+    assert data == (output / KSEED_DELTA_NAME).read_bytes()

@@ -310,3 +310,26 @@ def test_a_failed_trainer_push_says_where_the_outputs_are(fake_hub, tmp_path):
     for name in ("kseed_config.json", "kseed_delta.safetensors", "README.md", "model.safetensors"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "create_model_card" not in vars(trainer)  # the Trainer's own method is back
+
+
+# ---------------------------------------------------------------------- Reliability 12: links out of the folder
+def test_a_symlink_out_of_the_output_dir_is_refused_before_any_upload(fake_hub, output_dir, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the run")
+    (output_dir / "notes.txt").symlink_to(secret)
+    assert main(["push", str(output_dir), "--repo_id", "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert "'notes.txt'" in err and "symbolic link" in err and "outside the folder" in err and "Traceback" not in err
+    assert fake_hub.requests == [] and fake_hub.commits == []
+    (output_dir / "notes.txt").unlink()
+
+    elsewhere = tmp_path / "elsewhere"  # a linked folder leads out too
+    elsewhere.mkdir()
+    (elsewhere / "data.json").write_text("{}")
+    (output_dir / "extra").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="outside the folder"):
+        hub.files_to_upload(output_dir)
+    (output_dir / "extra").unlink()
+
+    (output_dir / "card_copy.md").symlink_to(output_dir / "README.md")  # a link that stays inside is fine
+    assert "card_copy.md" in dict(hub.files_to_upload(output_dir))

@@ -351,3 +351,348 @@ def test_robust_statistics_by_hand_on_a_shared_seed():
     median = all_selected(num_seeds=8, aggregation="median")
     median.aggregate(0, updates)
     assert median.accumulators[2].item() == pytest.approx(3.0) and median.accumulators[3].item() == pytest.approx(0.1)
+
+
+# ====================================================================== losing work, bad input (recipes and runs)
+# The rest of the "Reliability" issue: items 1-5 (resume and checkpoint integrity) and 6-7 (bad input) through the
+# real `hf-fedkseed train` on the tiny smoke recipe (a random tiny Llama, byte tokenizer, the shipped tasks).
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from hf_fedkseed.artifacts import MANIFEST_NAME, latest_complete_checkpoint, verify_checkpoint  # noqa: E402
+from hf_fedkseed.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "recipes/smoke.yaml"
+# 8 rounds of 3 clients x 2 local steps = 48 Trainer steps; a checkpoint (with its manifest) after every round.
+RUN_FLAGS = [
+    "--rounds", "8", "--local_steps", "2", "--max_eval_samples", "2", "--max_new_tokens", "2",
+    "--save_strategy", "steps", "--save_steps", "6",
+]  # fmt: skip
+STEPS_PER_ROUND = 6
+
+
+def train_process(output_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "hf_fedkseed.cli", "train", SMOKE, *RUN_FLAGS, "--output_dir", str(output_dir), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def without_timings(value):
+    """A summary without its wall-clock fields (`seconds`, `train_seconds`, ...), which differ from run to run."""
+    if isinstance(value, dict):
+        return {key: without_timings(item) for key, item in value.items() if "seconds" not in key}
+    if isinstance(value, list):
+        return [without_timings(item) for item in value]
+    return value
+
+
+def summaries(output_dir: Path) -> dict:
+    """Everything a run leaves that must not depend on being resumed: the weights, the delta, every summary file."""
+    rounds = [json.loads(line) for line in (output_dir / "rounds.jsonl").read_text().splitlines()]
+    return {
+        "model.safetensors": (output_dir / "model.safetensors").read_bytes(),
+        "kseed_delta.safetensors": (output_dir / "kseed_delta.safetensors").read_bytes(),
+        "README.md": (output_dir / "README.md").read_text(),
+        "kseed_config.json": json.loads((output_dir / "kseed_config.json").read_text()),
+        "eval_results.json": without_timings(json.loads((output_dir / "eval_results.json").read_text())),
+        "rounds.jsonl": without_timings(rounds),
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference: the same run, never killed (its output directory has the same name as the resumed one's, which
+    the card and the delta config record)."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "run"
+    process = train_process(output)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return output
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything loads the model: bad input must be refused before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr("hf_fedkseed.pipeline.load_model", refuse)
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository root
+    import datasets
+
+    datasets.disable_progress_bars()  # progress bars would add stderr lines to the one-line check
+    yield
+    datasets.enable_progress_bars()
+
+
+def one_line_usage_error(code: int, err: str, fragment: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hf-fedkseed train: error: ") and "Traceback" not in err
+    assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------- 1-5: resume and integrity
+@pytest.mark.slow
+def test_a_killed_run_resumed_from_last_ends_identical_to_an_uninterrupted_one(uninterrupted, tmp_path):
+    output = tmp_path / "run"
+    process = train_process(output)
+    deadline = time.monotonic() + 600
+    while not list(output.glob(f"checkpoint-*/{MANIFEST_NAME}")):  # the first complete checkpoint
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # kill -9: no handler, no cleanup, maybe mid-write
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not (output / "eval_results.json").exists()  # killed before the end
+    complete = latest_complete_checkpoint(output)
+    assert complete is not None
+    # What a kill -9 while saving leaves (item 2): an empty checkpoint, and one with a 0-byte optimizer.pt and no
+    # trainer_state.json; both newer than the complete one, so `last` must skip them. And a torn last line (item 4).
+    step = int(complete.name.split("-")[1])
+    (output / f"checkpoint-{step + 2 * STEPS_PER_ROUND}").mkdir(exist_ok=True)
+    broken = output / f"checkpoint-{step + STEPS_PER_ROUND}"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(complete, broken)
+    (broken / "optimizer.pt").write_bytes(b"")
+    (broken / "trainer_state.json").unlink()
+    (broken / MANIFEST_NAME).unlink()
+    with (output / "rounds.jsonl").open("a") as handle:
+        handle.write('{"round": 5, "clients": [0, ')
+
+    resumed = train_process(output, "--resume_from_checkpoint", "last")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"Resuming from {complete}" in err
+    assert "Skipping checkpoint-" in err and "last line is torn" in err
+    reference, after = summaries(uninterrupted), summaries(output)
+    for name in reference:
+        assert after[name] == reference[name], name
+    assert after["eval_results.json"]["rounds"] == 8 and after["kseed_config.json"]["training"]["rounds_completed"] == 8
+    # Every checkpoint of the run, the killed part's and the resumed part's, now carries a manifest that verifies.
+    for directory in output.glob("checkpoint-*"):
+        if int(directory.name.split("-")[1]) <= 8 * STEPS_PER_ROUND:
+            verify_checkpoint(directory)
+
+
+def flip_byte(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x80
+    path.write_bytes(bytes(data))
+
+
+def flip_a_weight_sign(checkpoint: Path) -> None:
+    data = (checkpoint / "model.safetensors").read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    flip_byte(checkpoint / "model.safetensors", 8 + header + 3)  # the sign bit of the first float32 weight
+
+
+def flip_an_optimizer_byte(checkpoint: Path) -> None:
+    path = checkpoint / "optimizer.pt"
+    flip_byte(path, path.stat().st_size // 2)
+
+
+def truncate_the_optimizer(checkpoint: Path) -> None:
+    path = checkpoint / "optimizer.pt"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def empty_checkpoint(checkpoint: Path) -> None:
+    shutil.rmtree(checkpoint)
+    checkpoint.mkdir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("damage", "resume", "fragment"),
+    [
+        (flip_a_weight_sign, "checkpoint", "model.safetensors does not match its sha256 in checkpoint_manifest.json"),
+        (flip_an_optimizer_byte, "checkpoint", "optimizer.pt does not match its sha256"),
+        (truncate_the_optimizer, "checkpoint", "optimizer.pt has 100 bytes but checkpoint_manifest.json records"),
+        (empty_checkpoint, "checkpoint", "has no checkpoint_manifest.json: it is incomplete"),
+        (empty_checkpoint, "last", "`resume_from_checkpoint: last` found no complete checkpoint"),
+        (None, "missing", "is not a directory; pass a checkpoint-<step> directory"),
+    ],
+)
+def test_a_damaged_or_missing_checkpoint_is_refused_with_exit_2(
+    uninterrupted, tmp_path, no_model_load, capsys, damage, resume, fragment
+):
+    output = tmp_path / "run"
+    checkpoint = output / "checkpoint-12"
+    shutil.copytree(uninterrupted / "checkpoint-12", checkpoint)
+    if damage is not None:
+        damage(checkpoint)
+    target = {"checkpoint": str(checkpoint), "last": "last", "missing": str(tmp_path / "nope")}[resume]
+    code = main(["train", SMOKE, *RUN_FLAGS, "--output_dir", str(output), "--resume_from_checkpoint", target])
+    one_line_usage_error(code, capsys.readouterr().err, fragment)
+    assert not (output / "rounds.jsonl").exists()  # nothing of the run was touched
+
+
+def test_the_manifest_lists_every_file_and_ignores_temporaries(tmp_path):
+    from hf_fedkseed.artifacts import CheckpointError, write_checkpoint_manifest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    (tmp_path / ".a.bin.tmp").write_bytes(b"half")
+    manifest = write_checkpoint_manifest(tmp_path)
+    assert sorted(manifest["files"]) == ["a.bin", "sub/b.json"] and not (tmp_path / f".{MANIFEST_NAME}.tmp").exists()
+    assert verify_checkpoint(tmp_path) == manifest
+    (tmp_path / "sub" / "b.json").unlink()
+    with pytest.raises(CheckpointError, match=r"b\.json is missing from the checkpoint"):
+        verify_checkpoint(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"format": "hf_fedkseed.checkpoint_manifest", "fi')
+    with pytest.raises(CheckpointError, match=r"checkpoint_manifest\.json is corrupted"):
+        verify_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------------- 6-7: bad input, refused before the model
+def write_smoke_variant(tmp_path: Path, **changes) -> str:
+    """The smoke recipe with some keys changed (None removes a key)."""
+    config = yaml.safe_load((ROOT / SMOKE).read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def write_file(name: str, data: bytes):
+    def make(tmp_path: Path) -> str:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return str(path)
+
+    return make
+
+
+ALPACA_ROW = b'{"instruction": "Say hi", "input": "", "output": "hi"}\n'
+BAD_FLAGS = [
+    (["--num_seeds", "0"], "Invalid `num_seeds`: 0; it must be a positive integer"),
+    (["--zo_eps", "0"], "Invalid `zo_eps`: 0.0; it must be a finite number > 0"),
+    (["--zo_eps", "inf"], "Invalid `zo_eps`: inf"),
+    (["--learning_rate", "nan"], "Invalid `learning_rate`: nan; it must be a finite number > 0"),
+    (["--learning_rate", "-1e-3"], "Invalid `learning_rate`: -0.001"),  # a negative number parses as a value
+    (["--clients_per_round", "100"], "Invalid `clients_per_round`: 100; it must be an integer in [1, num_clients=6]"),
+    (["--max_length", "0"], "Invalid `max_length`: 0; it must be a positive integer"),
+    (["--per_device_train_batch_size", "0"], "Invalid `per_device_train_batch_size`: 0"),
+    (["--per_device_eval_batch_size", "0"], "Invalid `per_device_eval_batch_size`: 0"),
+    (["--gradient_accumulation_steps", "0"], "Invalid `gradient_accumulation_steps`: 0"),
+    (["--max_abs_scalar", "-1"], "Invalid `max_abs_scalar`: -1.0; it must be a finite number > 0"),
+    (["--eval_every_rounds", "-1"], "Invalid `eval_every_rounds`: -1; it must be an integer >= 0"),
+    (["--max_new_tokens", "0"], "Invalid `max_new_tokens`: 0; it must be a positive integer"),
+    (["--max_eval_samples", "-1"], "Invalid `max_eval_samples`: -1"),
+    (["--eval_fraction", "1.5"], "Invalid `eval_fraction`: 1.5; it must be a finite number >= 0 and < 1"),
+    (["--grad_clip", "0"], "Invalid `grad_clip`: 0.0"),
+    (["--engine", "warp-drive"], "Invalid `engine`: 'warp-drive'; choose one of"),
+    (["--pro_clip", "inf"], "Invalid `pro_clip`: inf"),
+    (["--dirichlet_alpha", "0"], "Invalid `dirichlet_alpha`: 0.0"),
+    (["--partition_seed", "-1"], "Invalid `partition_seed`: -1"),
+    (["--lora_r", "0"], "Invalid `lora_r`: 0"),
+    (["--dataloader_num_workers", "2"], "Invalid `dataloader_num_workers`: 2"),
+    (["--save_strategy", "steps", "--save_steps", "0"], "Invalid `save_steps`: 0"),
+    (["--max_steps", "5"], "Invalid `max_steps`: 5; the rounds take"),
+    (["--rounds", "1", "2"], "`rounds` takes a single value but got more (extra: '2')"),
+    (["--resume_from_checkpoint", "/no/such/checkpoint-5"], "`resume_from_checkpoint`: '/no/such/checkpoint-5' is not"),
+]
+BAD_RECIPES = [
+    ({"rounds": [1, 2]}, None, "`rounds` takes a single value, not a list ([1, 2])"),
+    ({"rounds": [5]}, None, "`rounds` takes a single value, not a list ([5])"),
+    ({"num_seeds": 0}, None, "Invalid `num_seeds`: 0"),
+    ({"learning_rate": -0.001}, None, "Invalid `learning_rate`: -0.001"),
+    ({"dataset_name": "data/missing.jsonl", "dataset_format": "alpaca"}, None, "'data/missing.jsonl' does not exist"),
+    ({"dataset_format": "alpaca"}, write_file("empty.jsonl", b""), "is empty; pass a file with rows"),
+    ({"dataset_format": "alpaca"}, write_file("latin1.jsonl", ALPACA_ROW.replace(b"hi", b"h\xe9")), "is not UTF-8"),
+    ({"dataset_format": "alpaca"}, write_file("cols.jsonl", b'{"prompt": "x"}\n'), "has no columns `instruction`"),
+    (
+        {"dataset_format": "natural_instructions"},
+        write_file("blank.jsonl", b"\n \n"),
+        "is empty; pass a file with rows",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "fragment"), BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
+def test_a_bad_flag_exits_2_with_one_line_before_the_model_loads(tmp_path, no_model_load, capsys, flags, fragment):
+    output = tmp_path / "out"
+    code = main(["train", SMOKE, "--output_dir", str(output), *flags])
+    one_line_usage_error(code, capsys.readouterr().err, fragment)
+    assert not output.exists()  # no empty output directory left behind
+
+
+@pytest.mark.parametrize(
+    ("changes", "make_data", "fragment"), BAD_RECIPES, ids=[fragment[:40] for _, _, fragment in BAD_RECIPES]
+)
+def test_a_bad_recipe_or_dataset_exits_2_with_one_line_before_the_model_loads(
+    tmp_path, no_model_load, capsys, changes, make_data, fragment
+):
+    if make_data is not None:
+        changes = dict(changes, dataset_name=make_data(tmp_path))
+    output = tmp_path / "out"
+    code = main(["train", write_smoke_variant(tmp_path, **changes), "--output_dir", str(output)])
+    one_line_usage_error(code, capsys.readouterr().err, fragment)
+    assert not output.exists()
+
+
+def test_a_recipe_that_is_not_utf8_exits_2(tmp_path, no_model_load, capsys):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes((ROOT / SMOKE).read_bytes() + b"# caf\xe9\n")
+    one_line_usage_error(main(["train", str(recipe)]), capsys.readouterr().err, "is not UTF-8 text (byte")
+
+
+def test_an_output_dir_that_is_a_file_or_not_writable_exits_2(tmp_path, no_model_load, capsys):
+    afile = tmp_path / "taken"
+    afile.write_text("x")
+    code = main(["train", SMOKE, "--output_dir", str(afile)])
+    one_line_usage_error(code, capsys.readouterr().err, f"`output_dir`: '{afile}' is an existing file")
+    if os.geteuid() == 0:  # root writes anywhere but in /proc
+        code = main(["train", SMOKE, "--output_dir", "/proc/hf_fedkseed_out"])
+        one_line_usage_error(code, capsys.readouterr().err, "`output_dir`: cannot write in '/proc/hf_fedkseed_out'")
+        return
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        code = main(["train", SMOKE, "--output_dir", str(locked / "out")])
+        one_line_usage_error(code, capsys.readouterr().err, "`output_dir`: cannot write in")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_the_console_script_prints_one_line_and_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_fedkseed.cli", "train", SMOKE, "--num_seeds", "0", "--output_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        check=False,
+    )
+    one_line_usage_error(result.returncode, result.stderr, "Invalid `num_seeds`: 0")
+
+
+def test_negative_values_parse_where_they_are_valid():
+    from hf_fedkseed.configs import parse_recipe
+
+    os.chdir(ROOT)
+    *_, training_args = parse_recipe(SMOKE, ["--adam_beta1", "-1e-1", "--seed", "-3"])
+    assert training_args.adam_beta1 == -0.1 and training_args.seed == -3
