@@ -165,6 +165,14 @@ class HeldOutEvaluation:
         )
         return record
 
+    def state_dict(self) -> dict:
+        """The evaluations after rounds, which a checkpoint carries so a resumed run reports every one of them."""
+        return {"records": [dict(record) for record in self.records if record["round"] > 0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        before = [record for record in self.records if record["round"] == 0]  # this process's untuned base
+        self.records = before + [dict(record) for record in state["records"]]
+
     def write_predictions(self, path: Path) -> None:
         """`predictions.jsonl`: per held-out row, the prompt, the reference and the generations before and after."""
         from .evaluation import rouge_l
@@ -347,6 +355,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             grad_clip=zo_args.grad_clip,
         )
         federated = FederatedCallback(federated_config, train_rows, partition=partition)
+        optimizer.attach_state("held_out_evaluation", evaluation)  # checkpoints carry the evaluations after rounds
     # The KSeed delta and the model card in every checkpoint, and in `output_dir` by `artifacts.finish` below.
     artifacts = KSeedArtifactsCallback(
         run_summary(model_args, data_args, zo_args, federated_config, training_args), federated=federated

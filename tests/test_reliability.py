@@ -375,7 +375,7 @@ SMOKE = "recipes/smoke.yaml"
 # 8 rounds of 3 clients x 2 local steps = 48 Trainer steps; a checkpoint (with its manifest) after every round.
 RUN_FLAGS = [
     "--rounds", "8", "--local_steps", "2", "--max_eval_samples", "2", "--max_new_tokens", "2",
-    "--save_strategy", "steps", "--save_steps", "6",
+    "--save_strategy", "steps", "--save_steps", "6", "--eval_every_rounds", "1",
 ]  # fmt: skip
 STEPS_PER_ROUND = 6
 
