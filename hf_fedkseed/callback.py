@@ -299,6 +299,46 @@ class RoundScheduleCallback(TrainerCallback):
         item = self.dataset[index]
         return item if self.columns is None else {k: v for k, v in item.items() if k in self.columns}
 
+    def _rewrite_rounds_file(self, keep_below: int, resumed_from: str | None = None) -> None:
+        """Keep the records of the rounds before the resumed one, as the file and as `history`.
+
+        A killed run may have logged later rounds (dropped here) or torn its last line mid-write (dropped with a
+        warning). The kept records become `history`, so the summaries of a resumed run cover every round. Without
+        a `rounds.jsonl` in the output directory, the one beside the checkpoint `resumed_from` is read.
+        """
+        source = self.rounds_path
+        if not source.exists() and resumed_from:
+            source = Path(resumed_from).parent / "rounds.jsonl"
+        kept: list[dict] = []
+        if keep_below and source.exists():
+            lines = source.read_text(encoding="utf-8", errors="replace").splitlines()
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    round_index = record["round"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    where = "its last line is torn (a run killed mid-write)" if number == len(lines) else "a line"
+                    logger.warning("%s: %s; dropped line %d: %.60s", source, where, number, line)
+                    continue
+                if isinstance(round_index, int) and round_index < keep_below:
+                    kept.append(record)
+        kept = list({record["round"]: record for record in kept}.values())  # a repeated round: its last record
+        kept.sort(key=lambda record: record["round"])
+        if keep_below and [record["round"] for record in kept] != list(range(keep_below)):
+            logger.warning(
+                "%s holds records of %d of the %d rounds before the resumed one; the run's summaries cover only the "
+                "rounds recorded.",
+                source,
+                len(kept),
+                keep_below,
+            )
+        self.history = kept
+        temporary = self.rounds_path.with_name(f".{self.rounds_path.name}.tmp")
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        temporary.replace(self.rounds_path)
+
 
 class FederatedCallback(RoundScheduleCallback):
     """Runs FedKSeed (or FedKSeed-Pro) rounds inside the stock `transformers.Trainer`.
@@ -624,46 +664,6 @@ class FederatedCallback(RoundScheduleCallback):
         return SyncMessage.build(
             server_round=round_index, accumulators=self.server.accumulators, encoding="full", seed_schedule=schedule
         )
-
-    def _rewrite_rounds_file(self, keep_below: int, resumed_from: str | None = None) -> None:
-        """Keep the records of the rounds before the resumed one, as the file and as `history`.
-
-        A killed run may have logged later rounds (dropped here) or torn its last line mid-write (dropped with a
-        warning). The kept records become `history`, so the summaries of a resumed run cover every round. Without
-        a `rounds.jsonl` in the output directory, the one beside the checkpoint `resumed_from` is read.
-        """
-        source = self.rounds_path
-        if not source.exists() and resumed_from:
-            source = Path(resumed_from).parent / "rounds.jsonl"
-        kept: list[dict] = []
-        if keep_below and source.exists():
-            lines = source.read_text(encoding="utf-8", errors="replace").splitlines()
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    round_index = record["round"]
-                except (json.JSONDecodeError, TypeError, KeyError):
-                    where = "its last line is torn (a run killed mid-write)" if number == len(lines) else "a line"
-                    logger.warning("%s: %s; dropped line %d: %.60s", source, where, number, line)
-                    continue
-                if isinstance(round_index, int) and round_index < keep_below:
-                    kept.append(record)
-        kept = list({record["round"]: record for record in kept}.values())  # a repeated round: its last record
-        kept.sort(key=lambda record: record["round"])
-        if keep_below and [record["round"] for record in kept] != list(range(keep_below)):
-            logger.warning(
-                "%s holds records of %d of the %d rounds before the resumed one; the run's summaries cover only the "
-                "rounds recorded.",
-                source,
-                len(kept),
-                keep_below,
-            )
-        self.history = kept
-        temporary = self.rounds_path.with_name(f".{self.rounds_path.name}.tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-        temporary.replace(self.rounds_path)
 
     # ------------------------------------------------------------------ state (saved inside the optimizer's)
     def state_dict(self) -> dict:

@@ -696,3 +696,26 @@ def test_negative_values_parse_where_they_are_valid():
     os.chdir(ROOT)
     *_, training_args = parse_recipe(SMOKE, ["--adam_beta1", "-1e-1", "--seed", "-3"])
     assert training_args.adam_beta1 == -0.1 and training_args.seed == -3
+
+
+def test_the_fedavg_baseline_resumes_its_round_log_by_the_same_rule(tmp_path, caplog):
+    """FedAvg/FedIT/FedZO runs keep the same rounds.jsonl rule as FedKSeed: a torn last line is dropped with a
+    warning and the kept records become the history the summaries are written from."""
+    from datasets import Dataset
+
+    from hf_fedkseed.baselines.fedavg import FedAvgCallback
+    from hf_fedkseed.callback import FederatedConfig
+
+    rows = Dataset.from_dict({"task": ["a", "b"], "input_ids": [[1, 2], [3, 4]], "labels": [[1, 2], [3, 4]]})
+    config = FederatedConfig(
+        rounds=3, local_steps=1, clients_per_round=1, partition="natural", partition_column="task", method="fedavg"
+    )
+    callback = FedAvgCallback(config, rows)
+    callback.rounds_path = tmp_path / "rounds.jsonl"
+    callback.rounds_path.write_text('{"round": 0, "bytes_per_client": 1}\n{"round": 1, "bytes_per_client": 2}\n')
+    with callback.rounds_path.open("a") as handle:
+        handle.write('{"round": 2, "clients": [0, ')
+    callback._rewrite_rounds_file(keep_below=2)
+    assert [record["round"] for record in callback.history] == [0, 1]
+    assert [json.loads(line)["round"] for line in callback.rounds_path.read_text().splitlines()] == [0, 1]
+    assert "last line is torn" in caplog.text

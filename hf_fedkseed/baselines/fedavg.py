@@ -155,14 +155,7 @@ class FedAvgCallback(RoundScheduleCallback):
         if state.is_world_process_zero:
             self.rounds_path = Path(args.output_dir) / "rounds.jsonl"
             self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if self.rounds_path.exists():
-                kept = [
-                    line
-                    for line in self.rounds_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["round"] < round_index
-                ]
-            self.rounds_path.write_text("".join(line + "\n" for line in kept))
+            self._rewrite_rounds_file(keep_below=round_index, resumed_from=args.resume_from_checkpoint)
         logger.info(
             "%s: %d clients, %d per round, %d rounds x %d local steps = %d Trainer steps, %d trained tensors",
             self.config.method,
