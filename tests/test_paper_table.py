@@ -116,6 +116,10 @@ def test_real_base_runs_carry_the_table_settings(paper_table):
 
 
 def test_full_profile_is_budgeted_within_an_hour(paper_table):
+    # The estimate from the per-step figures in SECONDS; the measured full profile took ~68 min because ni-mmlu's
+    # prompts are longer than those figures assume (benchmarks/README.md).
+    if not (paper_table.DATASETS["ni-mmlu"] / "tasks").is_dir():
+        pytest.skip("needs ../shared/data/ni-mmlu beside the repository")
     args = paper_table.parse_args([])
     overrides = paper_table.BASES["smollm2"]["overrides"]
     plans = [paper_table.build_specs(args, Path(path), overrides) for path in paper_table.DATASETS.values()]
