@@ -72,6 +72,20 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+    """Both are non-empty lists of the same length (a single str is refused, not scored character by character)."""
+    for name, texts in (("predictions", predictions), ("references", references)):
+        if isinstance(texts, str):
+            raise TypeError(f"`{name}` must be a list of str, not one str: wrap it as [{name}].")
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"Got {len(predictions)} predictions and {len(references)} references: pass exactly one reference "
+            "per prediction."
+        )
+    if not predictions:
+        raise ValueError("Got no predictions to score: pass at least one prediction and its reference.")
+
+
 class RougeL:
     """An offline, `evaluate`-style Rouge-L metric: the mean of per-sample F1 scores.
 
@@ -122,16 +136,7 @@ class RougeL:
             TypeError: If either argument is a single str rather than a list of them, or holds a non-str.
             ValueError: If the two lists differ in length, or are empty.
         """
-        for name, texts in (("predictions", predictions), ("references", references)):
-            if isinstance(texts, str):
-                raise TypeError(f"`{name}` must be a list of str, not one str: wrap it as [{name}].")
-        if len(predictions) != len(references):
-            raise ValueError(
-                f"Got {len(predictions)} predictions and {len(references)} references: pass exactly one reference "
-                "per prediction."
-            )
-        if not predictions:
-            raise ValueError("Got no predictions to score: pass at least one prediction and its reference.")
+        _check_pairs(predictions, references)
         return [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references, strict=True)]
 
 
@@ -441,15 +446,7 @@ def official_rouge_l_mean(predictions: Sequence[str], references: Sequence[str])
         >>> round(official_rouge_l_mean(["a b c", "x"], ["a b c", "y"]), 4)  # 1e-8 in F's denominator
         0.5
     """
-    for name, texts in (("predictions", predictions), ("references", references)):
-        if isinstance(texts, str):
-            raise TypeError(f"`{name}` must be a list of str, not one str: wrap it as [{name}].")
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"Got {len(predictions)} predictions and {len(references)} references: pass one reference per prediction."
-        )
-    if not predictions:
-        raise ValueError("Got no predictions to score: pass at least one prediction and its reference.")
+    _check_pairs(predictions, references)
     pairs = zip(predictions, references, strict=True)
     scores = [official_rouge_l(prediction, reference) for prediction, reference in pairs]
     return math.fsum(scores) / len(scores)
