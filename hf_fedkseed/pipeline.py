@@ -175,8 +175,6 @@ class HeldOutEvaluation:
 
     def write_predictions(self, path: Path) -> None:
         """`predictions.jsonl`: per held-out row, the prompt, the reference and the generations before and after."""
-        from .evaluation import rouge_l
-
         if self.first is None or self.latest is None:
             return
         categories = self.eval_rows["category"] if "category" in self.eval_rows.column_names else None
@@ -189,8 +187,8 @@ class HeldOutEvaluation:
                     "reference": row["reference"],
                     "before": before,
                     "after": after,
-                    "rougeL_before": rouge_l(before, row["reference"]),
-                    "rougeL_after": rouge_l(after, row["reference"]),
+                    "rougeL_before": self.first["scores"][index],  # scored once, by evaluate_rouge_l
+                    "rougeL_after": self.latest["scores"][index],
                 }
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
