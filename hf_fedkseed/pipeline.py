@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .forward_hooks import labelled_logits_only
+
 logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -54,7 +56,9 @@ def held_out_loss(model, rows, collator, batch_size: int) -> float | None:
             ]
         )
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**{key: value.to(model.device) for key, value in batch.items()}).loss.item() * tokens
+        inputs = labelled_logits_only(model, {key: value.to(model.device) for key, value in batch.items()})
+        with torch.no_grad():
+            total += model(**inputs).loss.item() * tokens
         count += tokens
     model.train(was_training)
     return total / max(count, 1)

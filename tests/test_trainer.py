@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import max_abs_diff, tiny_llama, token_batch
+from accelerate.state import AcceleratorState
+from conftest import VOCAB, max_abs_diff, tiny_llama, token_batch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_fedkseed import KSeedZOOptimizer
+from hf_fedkseed.forward_hooks import labelled_logits_only
 
 
 def token_dataset(rows: int = 8, seq_len: int = 16, seed: int = 0) -> Dataset:
@@ -180,7 +182,10 @@ def test_hooked_forward_equals_the_closure_step_and_reports_the_mean_loss():
         assert output.loss.requires_grad  # so the Trainer's backward() works, through a scalar leaf only
         output.loss.backward()
         hooked.step()
-        closure.step(lambda: closure_model(input_ids=batch, labels=batch).loss)
+        # The hooks project only labelled positions onto the vocabulary; the closure does the same to match bit for bit.
+        closure.step(
+            lambda: closure_model(**labelled_logits_only(closure_model, {"input_ids": batch, "labels": batch})).loss
+        )
         assert output.loss.item() == pytest.approx(hooked.last_step["loss"])
         assert output.loss.item() == pytest.approx(clean_loss, abs=1e-3)  # (L+ + L-)/2 = L(w) + O(eps^2)
     assert all(p.grad is None for p in hooked_model.parameters())
@@ -224,6 +229,50 @@ def test_fp16_amp_is_refused_with_the_fix(tmp_path):
     optimizer = KSeedZOOptimizer(model, lr=1e-3, num_seeds=8)
     args = training_args(tmp_path, fp16=True)
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), optimizers=(optimizer, None))
-    with pytest.raises(ValueError, match=r"cannot run with `fp16=True`.*Use `bf16=True`"):
-        trainer.train()
+    try:
+        with pytest.raises(ValueError, match=r"cannot run with `fp16=True`.*Use `bf16=True`"):
+            trainer.train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the fp16 state would refuse later tests' steps
     assert max_abs_diff(model, before) == 0.0  # refused before any weight moved
+
+
+def test_labelled_logits_only_gives_the_same_loss_from_the_labelled_positions_alone():
+    model = tiny_llama()
+    batch = token_batch(seq_len=12)
+    labels = torch.full_like(batch, -100)
+    labels[:, 8:11] = batch[:, 8:11]  # a reply of 3 tokens
+    labels[0, 3:5] = batch[0, 3:5]  # and rows that differ
+    labels[2] = -100  # and a row with nothing to learn
+    attention_mask = torch.ones_like(batch)
+    attention_mask[1, 10:] = 0
+    labels[1, 10:] = -100
+    inputs = {"input_ids": batch, "attention_mask": attention_mask, "labels": labels}
+    trimmed = labelled_logits_only(model, inputs)
+    assert trimmed is not inputs and inputs.get("logits_to_keep") is None  # the caller's dict is left alone
+    with torch.no_grad():
+        full, partial = model(**inputs), model(**trimmed)
+    next_token_labelled = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) != -100
+    assert partial.logits.shape == (int(next_token_labelled.sum()), VOCAB)
+    torch.testing.assert_close(partial.logits, full.logits[next_token_labelled], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(partial.loss, full.loss, rtol=1e-6, atol=0.0)
+    # No labels, an explicit choice of logits, or a model without `logits_to_keep`: the kwargs come back unchanged.
+    assert labelled_logits_only(model, {"input_ids": batch}) == {"input_ids": batch}
+    chosen = {**inputs, "logits_to_keep": 1}
+    assert labelled_logits_only(model, chosen) is chosen
+    plain = torch.nn.Linear(2, 2)
+    assert labelled_logits_only(plain, inputs) is inputs
+
+
+def test_a_zo_step_projects_only_the_labelled_positions(tmp_path):
+    model = tiny_llama()
+    projected_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, output: projected_rows.append(args[0].shape[:-1].numel()))
+    batch = token_batch(seq_len=12)
+    labels = torch.full_like(batch, -100)
+    labels[:, 9:] = batch[:, 9:]
+    optimizer = KSeedZOOptimizer(model, lr=1e-3, num_seeds=8, seed=1)
+    optimizer.train()
+    model(input_ids=batch, labels=labels).loss.backward()
+    optimizer.step()
+    assert projected_rows == [batch.shape[0] * 3, batch.shape[0] * 3]  # L+ and L-, 3 labelled next tokens per row
