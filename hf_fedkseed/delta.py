@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .perturbation import PerturbationEngine, canonical_name, get_engine
+from .version import __version__
 
 KSEED_CONFIG_NAME = "kseed_config.json"
 KSEED_DELTA_NAME = "kseed_delta.safetensors"
@@ -172,7 +173,6 @@ def save_kseed_delta(
     """
     from safetensors.torch import save as save_safetensors
 
-    from . import __version__
     from .optimizer import KSeedZOOptimizer
     from .zo import make_seed_pool
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .perturbation import _splitmix64
+from .perturbation.hashing import splitmix64
 
 # The official code draws candidate seeds with `np.random.randint(1, 100000000000, K)`; we keep its range.
 SEED_POOL_HIGH = 100_000_000_000
@@ -65,7 +65,7 @@ class SeedSampler:
 
     def __init__(self, num_seeds: int, seed: int, probabilities: torch.Tensor | None = None):
         self.num_seeds = num_seeds
-        self.generator = torch.Generator().manual_seed(_splitmix64(seed ^ 0x5EED5A3F1E))
+        self.generator = torch.Generator().manual_seed(splitmix64(seed ^ 0x5EED5A3F1E))
         self.probabilities = None if probabilities is None else validate_probabilities(probabilities, num_seeds)
         self.schedule: list[int] = []
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hf_fedkseed.counter_rng import gaussian_from_counter
 from hf_fedkseed.perturbation import DEFAULT_ENGINE, CounterEngine, RademacherCounterEngine, get_engine
+from hf_fedkseed.perturbation.counter_rng import gaussian_from_counter
 
 
 def test_counter_is_the_default_engine():

@@ -31,23 +31,19 @@ from typing import ClassVar
 
 import torch
 
+from .hashing import to_int32
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DISTRIBUTIONS", "CounterKernels", "gaussian_from_counter", "rademacher_from_counter"]
+__all__ = ["DISTRIBUTIONS", "HI_MULT", "CounterKernels", "gaussian_from_counter", "rademacher_from_counter"]
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
-def _i32(value: int) -> int:
-    """A 32-bit pattern as the signed int32 value torch stores."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= (1 << 31) else value
-
-
-_GOLDEN = _i32(0x9E3779B9)
-_HI_MULT = _i32(0x85EBCA6B)
-_MIX_A = _i32(0x7FEB352D)
-_MIX_B = _i32(0x846CA68B)
+HI_MULT = 0x85EBCA6B  # the multiplier of i_hi above: callers fold `i_hi * HI_MULT` into k0 (Python ints)
+_GOLDEN = to_int32(0x9E3779B9)
+_MIX_A = to_int32(0x7FEB352D)
+_MIX_B = to_int32(0x846CA68B)
 _LN2 = math.log(2.0)
 _TWO_PI = 2.0 * math.pi
 
