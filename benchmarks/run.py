@@ -135,7 +135,7 @@ def replay_and_throughput(args: argparse.Namespace) -> dict:
 
 
 def traffic() -> dict:
-    from hf_fedkseed.federated.protocol import message_bytes_report
+    from bytes_report import message_bytes_report
 
     plain = message_bytes_report(num_seeds=4096, num_steps=200)
     pro = message_bytes_report(num_seeds=4096, num_steps=200, pro=True)

@@ -6,7 +6,9 @@ import dataclasses
 import math
 import random
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +21,21 @@ from hf_fedkseed.federated.protocol import (
     SyncMessage,
     UpdateMessage,
     decode_message,
-    message_bytes_report,
     seed_index_dtype,
 )
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def message_bytes_report(monkeypatch):
+    """`message_bytes_report` of benchmarks/bytes_report.py, imported as tests/test_paper_table.py imports one."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("bytes_report", None)
+    from bytes_report import message_bytes_report
+
+    return message_bytes_report
+
 
 KS = (16, 300, 4096, 70_000)  # uint8, uint16, uint16, uint32 seed indices
 INDEX_WIDTH = {16: 1, 300: 2, 4096: 2, 70_000: 4}
@@ -146,14 +160,14 @@ def test_encoded_lengths_use_the_narrowest_index_type(num_seeds):
 # ---- byte budgets at K = 4096, tau = 200 -----------------------------------------------------------------------
 
 
-def test_fedkseed_round_fits_the_papers_18_kb():
+def test_fedkseed_round_fits_the_papers_18_kb(message_bytes_report):
     sizes = message_bytes_report(4096, 200)
     assert sizes == {"down": 16_414, "up": 1_230, "total": 17_644}
     assert sizes["total"] <= 17_984  # 4096 * 4 + 200 * (2 + 4) = 17,584 bytes of payload plus headers
     assert message_bytes_report(4096, 200, constant_lr=False) == sizes  # FedKSeed never sends the rate
 
 
-def test_fedkseed_pro_costs():
+def test_fedkseed_pro_costs(message_bytes_report):
     schedule = message_bytes_report(4096, 200, pro=True)
     assert schedule == {"down": 16_814, "up": 1_234, "total": 18_048}
     assert schedule["total"] <= 18_432
@@ -162,7 +176,7 @@ def test_fedkseed_pro_costs():
     assert message_bytes_report(4096, 200, pro=True, pro_encoding="float32")["total"] == 34_032
 
 
-def test_sparse_sync_sizes_and_the_automatic_choice():
+def test_sparse_sync_sizes_and_the_automatic_choice(message_bytes_report):
     assert message_bytes_report(4096, 200, changed_seeds=1000)["down"] == HEADER + 1000 * 6 + CRC
     assert message_bytes_report(4096, 200, changed_seeds=4000)["down"] == 16_414  # the full form is smaller
     acc = torch.randn(4096, generator=gen(), dtype=torch.float64)
@@ -467,7 +481,7 @@ def test_update_construction_errors():
         UpdateMessage.from_steps(**common, seed_indices=[0, 1, 2], projected_grads=[1, 2, 3], learning_rates=[1, 2])
 
 
-def test_sync_construction_errors():
+def test_sync_construction_errors(message_bytes_report):
     zeros = torch.zeros(16)
     common = dict(server_round=0, num_seeds=16)
     with pytest.raises(ProtocolError, match="carries 15 accumulators in full form but K is 16"):
