@@ -21,12 +21,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import transformers
 from _common import cpu_name, seeded_llama
+from bytes_report import message_bytes_report
 from datasets import Dataset
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from hf_fedkseed import FederatedCallback, FederatedConfig, KSeedZOOptimizer
-from hf_fedkseed.federated import message_bytes_report
 
 VOCAB = 8_000
 HIDDEN = 384
@@ -147,7 +147,7 @@ class PlainLoop:
 class TimedFederatedCallback(FederatedCallback):
     """FederatedCallback that also times its phases, the client/server calls inside them and the Trainer's steps.
 
-    Times are kept per round under nested keys ("end_round/catch_up" is the catch-up inside `_end_round`); the
+    Times are kept per round under nested keys ("end_round/catch_up" is the catch-up inside `end_round`); the
     perf_counter calls add microseconds to a round of seconds. `before_round`, if set, runs before each round
     starts (outside its time) and returns the plain step seconds measured there, paired with that round.
     """
@@ -184,10 +184,8 @@ class TimedFederatedCallback(FederatedCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        # commit_aggregate/reset_aggregate: the snapshot path that applies a round's dense update without z passes.
-        for method in ("catch_up", "begin_local", "end_local", "build_update", "reset_aggregate", "commit_aggregate"):
-            if hasattr(self.client, method):
-                self._wrap(self.client, method)
+        for method in ("catch_up", "begin_local", "end_local", "build_update"):
+            self._wrap(self.client, method)
         self._wrap(self.server, "aggregate")
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -210,21 +208,21 @@ class TimedFederatedCallback(FederatedCallback):
         super().on_step_end(args, state, control, **kwargs)
         self._last_step_end = time.perf_counter()
 
-    def _begin_round(self, round_index: int) -> None:
+    def begin_round(self, round_index: int) -> None:
         with self.timed("begin_round"):
-            super()._begin_round(round_index)
+            super().begin_round(round_index)
 
-    def _begin_client(self, slot: int) -> None:
+    def begin_client(self, slot: int, optimizer) -> None:
         with self.timed("begin_client"):
-            super()._begin_client(slot)
+            super().begin_client(slot, optimizer)
 
-    def _end_client(self) -> None:
+    def end_client(self, slot: int) -> None:
         with self.timed("end_client"):
-            super()._end_client()
+            super().end_client(slot)
 
-    def _end_round(self, round_index: int) -> None:
+    def end_round(self, round_index: int) -> dict:
         with self.timed("end_round"):
-            super()._end_round(round_index)
+            return super().end_round(round_index)
 
 
 # ---------------------------------------------------------------------------------------------- federated run
@@ -431,8 +429,8 @@ def print_table(report: dict[str, Any]) -> None:
             ),
             (
                 "  of which",
-                f"round-end catch-up {phases['end_round/catch_up']:.2f} s / commit "
-                f"{phases['end_round/commit_aggregate']:.2f} s, undo {phases['end_client/end_local']:.2f} s, "
+                f"round-end catch-up {phases['end_round/catch_up']:.2f} s, "
+                f"undo {phases['end_client/end_local']:.2f} s, "
                 f"snapshot {phases['begin_client/begin_local']:.2f} s, Trainer steps {phases['trainer_step']:.2f} s",
             ),
         ]

@@ -58,8 +58,9 @@ def run_one(recipe: Path, data: Path, name: str, overrides: list[str], output: P
 
     started = time.perf_counter()
     fixed = ["--dataset_name", str(data), "--eval_every_rounds", "0", "--output_dir", str(output)]
-    model_args, data_args, fed_args, training_args = parse_recipe(recipe, [*fixed, *extra, *overrides])
-    results = run_training(model_args, data_args, fed_args, training_args)
+    parsed = parse_recipe(recipe, [*fixed, *extra, *overrides])
+    fed_args, training_args = parsed[-2], parsed[-1]
+    results = run_training(*parsed)
     return {
         "candidate": name,
         "overrides": " ".join(overrides),

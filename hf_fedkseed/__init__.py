@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported: `hf_fedkseed.__version__`
 
 # Public names and the module that defines each. They are imported on first use, so `import hf_fedkseed` (and the
 # `hf-fedkseed --help` console script) stays fast: torch and transformers load only when something needs them;
@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "KSeedZOOptimizer": ".optimizer",
     "FederatedCallback": ".callback",
-    "FederatedConfig": ".callback",
-    "METHODS": ".callback",
+    "FederatedConfig": ".federated.config",
+    "METHODS": ".federated.config",
     "DEFAULT_ENGINE": ".perturbation",
     "ENGINES": ".perturbation",
     "ChunkedGeneratorEngine": ".perturbation",
@@ -93,8 +93,9 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .artifacts import KSeedArtifactsCallback, run_summary
     from .baselines import BASELINE_METHODS, FedAvgCallback, FreshSeedZOOptimizer, SeedStepsMessage, prepare_baseline
-    from .callback import METHODS, FederatedCallback, FederatedConfig
+    from .callback import FederatedCallback
     from .delta import KSeedDelta, apply_kseed, base_weights_sha256, load_kseed_delta, save_kseed_delta
+    from .federated.config import METHODS, FederatedConfig
     from .flower.client_app import make_client_app
     from .flower.server_app import FlowerRun, make_server_app
     from .flower.simulation import simulate

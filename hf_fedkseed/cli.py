@@ -15,7 +15,7 @@ def _env() -> int:
     """Print the versions a bug report needs."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .version import __version__
 
     print(f"hf-fedkseed {__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -78,19 +78,19 @@ def _eval(args: argparse.Namespace) -> int:
     _setup_logging()
     from transformers import AutoModelForCausalLM
 
-    from .configs import ModelArguments
-    from .data import load_instruction_dataset, tokenize_for_generation
+    from .build import cap_rows, load_data, load_tokenizer
+    from .configs import ModelArguments, RecipeError
+    from .data import tokenize_for_generation
     from .evaluation import evaluate_rouge_l
-    from .pipeline import cap_rows, load_tokenizer
 
+    try:  # the data first: a bad dataset fails before the model loads
+        data = load_data(
+            args.dataset_name, args.dataset_format, seed=args.seed, held_out_categories=args.held_out_categories
+        )
+    except RecipeError as error:
+        return _usage_error("eval", error)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model_dir, tokenizer_name=args.tokenizer_name))
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-    data = load_instruction_dataset(
-        args.dataset_name,
-        args.dataset_format,
-        held_out_categories=args.held_out_categories,
-        seed=args.seed,
-    )
     test = cap_rows(data["test"], args.max_eval_samples, args.seed)
     rows = tokenize_for_generation(test, tokenizer, args.max_length, prompt_format=args.prompt_format)
     result = evaluate_rouge_l(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.version:
-        from . import __version__
+        from .version import __version__
 
         print(__version__)
         return 0

@@ -197,7 +197,7 @@ def recipe_dataclasses() -> tuple[type, ...]:
     """The dataclasses whose fields are the keys of a training recipe, in parsing order."""
     from transformers import TrainingArguments
 
-    from .callback import FederatedConfig
+    from .federated.config import FederatedConfig
 
     return (ModelArguments, DataArguments, ZOArguments, FederatedConfig, TrainingArguments)
 

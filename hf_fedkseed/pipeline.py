@@ -11,32 +11,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .build import build_data, build_optimizer, load_model
 from .forward_hooks import labelled_logits_only
 
 logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
-
-
-def cap_rows(dataset, limit: int | None, seed: int):
-    """At most `limit` rows of `dataset`, a seeded random choice when it has more (all rows for None)."""
-    if limit is None or len(dataset) <= limit:
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(limit))
-
-
-def load_tokenizer(model_args):
-    """The tokenizer of the base (`hf_fedkseed.bases.load_base_tokenizer`): `byt5`, a Hub id, a directory or a GGUF."""
-    from .bases import load_base_tokenizer
-
-    return load_base_tokenizer(model_args)
-
-
-def load_model(model_args, *, seed: int, vocab_size: int | None = None):
-    """The causal LM (`hf_fedkseed.bases.load_base_model`): from the Hub, a directory or a GGUF, or a seeded config."""
-    from .bases import load_base_model
-
-    return load_base_model(model_args, seed=seed, vocab_size=vocab_size)
 
 
 @torch.no_grad()
@@ -264,11 +244,9 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
 
     from .artifacts import KSeedArtifactsCallback, resolve_resume_checkpoint, run_summary
     from .baselines.setup import BASELINE_METHODS, prepare_baseline
-    from .callback import FederatedCallback, build_partition
+    from .callback import FederatedCallback
     from .configs import RecipeError
-    from .data import load_instruction_dataset, tokenize_for_generation, tokenize_for_training, training_collator
-    from .federated.server import KSeedServer
-    from .optimizer import KSeedZOOptimizer
+    from .federated.schedule import build_partition, resolve_clients_per_round
 
     started = time.perf_counter()
     # Everything a recipe can get wrong is checked before the model loads: the output directory, the checkpoint to
@@ -282,44 +260,18 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         if resume is not None:
             logger.info("Resuming from %s (manifest verified)", resume)
 
+        recipe_data = build_data(data_args, model_args, seed=training_args.seed)
+        tokenizer, train_rows = recipe_data.tokenizer, recipe_data.train_rows
+        eval_rows, loss_rows, collator = recipe_data.eval_rows, recipe_data.loss_rows, recipe_data.collator
         try:
-            data = load_instruction_dataset(
-                data_args.dataset_name,
-                data_args.dataset_format,
-                eval_fraction=data_args.eval_fraction,
-                held_out_categories=data_args.held_out_categories,
-                max_samples_per_task=data_args.max_samples_per_task,
-                seed=training_args.seed,
-            )
-        except (ValueError, OSError) as error:
-            raise RecipeError(f"`dataset_name`: {' '.join(str(error).split())}") from None
-        if len(data["train"]) == 0:
-            raise RecipeError(
-                f"`dataset_name`: dataset {data_args.dataset_name!r} has no training rows; check the file."
-            )
-        tokenizer = load_tokenizer(model_args)
-        try:
-            train_rows = tokenize_for_training(
-                data["train"], tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
-            )
-            test = cap_rows(data["test"], data_args.max_eval_samples, training_args.seed)
-            eval_rows = tokenize_for_generation(
-                test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
-            )
-            loss_rows = tokenize_for_training(
-                test, tokenizer, data_args.max_length, prompt_format=data_args.prompt_format
-            )
             partition = build_partition(federated_config, train_rows)
-            KSeedServer.resolve_clients_per_round(
-                partition.num_clients, federated_config.clients_per_round, federated_config.client_fraction
-            )
+            resolve_clients_per_round(partition.num_clients, federated_config)
         except ValueError as error:
             raise RecipeError(" ".join(str(error).split())) from None
     except RecipeError:  # leave no empty output directory behind
         if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
-    collator = training_collator(tokenizer)
     model = load_model(model_args, seed=training_args.seed, vocab_size=len(tokenizer))
 
     evaluation = HeldOutEvaluation(
@@ -347,15 +299,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         model, optimizer, federated = baseline.model, baseline.optimizer, baseline.federated
         evaluation.model = model  # FedIT evaluates through its LoRA wrapper
     else:
-        optimizer = KSeedZOOptimizer(
-            model,
-            lr=training_args.learning_rate,
-            eps=zo_args.zo_eps,
-            num_seeds=zo_args.num_seeds,
-            seed=training_args.seed,
-            engine=zo_args.engine,
-            grad_clip=zo_args.grad_clip,
-        )
+        optimizer = build_optimizer(model, zo_args, training_args)
         federated = FederatedCallback(federated_config, train_rows, partition=partition)
         optimizer.attach_state("held_out_evaluation", evaluation)  # checkpoints carry the evaluations after rounds
     # The KSeed delta and the model card in every checkpoint, and in `output_dir` by `artifacts.finish` below.

@@ -71,23 +71,25 @@ class RecordingFedAvg(FedAvgCallback):
         super().__init__(*args, **kwargs)
         self.starts, self.ends, self.state_sizes, self.globals, self.results = [], [], [], [], []
 
-    def _begin_round(self, round_index):
-        super()._begin_round(round_index)
+    def begin_round(self, round_index):
+        super().begin_round(round_index)
         self.globals.append({name: t.clone() for name, t in self._round["global"].items()})
 
-    def _begin_client(self, slot, optimizer):
-        super()._begin_client(slot, optimizer)
+    def begin_client(self, slot, optimizer):
+        super().begin_client(slot, optimizer)
         inner = getattr(optimizer, "optimizer", optimizer)
         self.state_sizes.append(len(inner.state) if inner is not None and hasattr(inner, "state") else None)
         self.starts.append({name: p.detach().clone() for name, p in self.trained})
 
-    def _end_client(self, client_id):
+    def end_client(self, slot):
+        client_id = self._round["clients"][slot]
         self.ends.append((client_id, {name: p.detach().clone() for name, p in self.trained}))
-        super()._end_client(client_id)
+        super().end_client(slot)
 
-    def _end_round(self, round_index):
-        super()._end_round(round_index)
+    def end_round(self, round_index):
+        entry = super().end_round(round_index)
         self.results.append({name: p.detach().clone() for name, p in self.trained})
+        return entry
 
 
 def run_baseline(tmp_path, method: str, *, model=None, callback_cls=RecordingFedAvg, **config_overrides):

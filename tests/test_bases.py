@@ -293,8 +293,8 @@ def test_an_incomplete_cache_is_rebuilt_with_a_warning(fake_package, monkeypatch
     assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name]
 
 
-def test_pipeline_loaders_delegate_to_bases(monkeypatch):
-    from hf_fedkseed.pipeline import load_model, load_tokenizer
+def test_the_builders_delegate_to_bases(monkeypatch):
+    from hf_fedkseed.build import load_model, load_tokenizer
 
     built = load_model(args("hf_fedkseed/resources/tiny-llama", from_scratch=True), seed=3)
     again = load_base_model(args("hf_fedkseed/resources/tiny-llama", from_scratch=True), seed=3)

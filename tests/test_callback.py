@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_fedkseed import FederatedCallback, FederatedConfig, KSeedZOOptimizer
-from hf_fedkseed.federated import KSeedClient
-from hf_fedkseed.federated.server import KSeedServer
-from hf_fedkseed.perturbation import get_engine
+from hf_fedkseed.federated import KSeedClient, SyncMessage
 
 NUM_TASKS = 6
 TOKENS_PER_TASK = VOCAB // NUM_TASKS  # task t writes only tokens in [t * 10, t * 10 + 10)
@@ -192,80 +189,32 @@ def test_replay_undo_agrees_with_snapshot_undo(tmp_path):
 
 
 @pytest.mark.parametrize("pro", [False, True])
-def test_a_clipped_client_is_corrected_by_replaying_only_its_seeds(tmp_path, monkeypatch, pro):
-    """Snapshot mode commits the running sum, then scales the clipped client's share down by replaying its seeds."""
+def test_every_round_ends_where_a_client_catching_up_round_by_round_ends(tmp_path, monkeypatch, pro):
+    """One catch-up rule: after every round the shared model equals a fresh client's model that replays each
+    round's change of the accumulators in turn, bit for bit, also when the server clips a client."""
     # norm_bound clips every client to the round's median norm: of three clients, the longest one is clipped. Pro
     # updates carry g and the learning rate; the server's scalars are their exact products either way.
-    cfg = config(rounds=1, clients_per_round=3, aggregation="norm_bound", pro=pro)
-    rounds = []
-    aggregate = KSeedServer.aggregate
+    cfg = config(rounds=2, clients_per_round=3, aggregation="norm_bound", pro=pro)
+    after_rounds: list[tuple[torch.Tensor, list[torch.Tensor], bool]] = []
+    end_round = FederatedCallback.end_round
 
-    def recording(self, round_index, updates, **kwargs):
-        result = aggregate(self, round_index, updates, **kwargs)
-        rounds.append((list(updates), result))
-        return result
+    def recording(self, round_index):
+        entry = end_round(self, round_index)
+        weights = [p.detach().clone() for _, p in self.optimizer.named_params]
+        after_rounds.append((self.server.accumulators.clone(), weights, bool(entry["clipped"])))
+        return entry
 
-    monkeypatch.setattr(KSeedServer, "aggregate", recording)
-    engine_type = type(get_engine())
-    replay = engine_type.replay_
-    replayed: list[int] = []
+    monkeypatch.setattr(FederatedCallback, "end_round", recording)
+    _, optimizer, federated, _ = run(tmp_path, cfg)
+    assert any(clipped for *_, clipped in after_rounds)  # the rule holds where the old shortcut needed a correction
 
-    def spy(self, params, seeds, coefficients):
-        seeds, coefficients = list(seeds), list(coefficients)
-        replayed.extend(seed for seed, c in zip(seeds, coefficients, strict=True) if float(c) != 0.0)
-        return replay(self, params, seeds, coefficients)
-
-    monkeypatch.setattr(engine_type, "replay_", spy)
-    corrected, corrected_optimizer, federated, _ = run(tmp_path / "corrected", cfg)
-    monkeypatch.setattr(engine_type, "replay_", replay)
-    [(updates, result)] = rounds
-    assert len(result.accepted) == 3 and len(result.clipped) == 1
-    [(clipped_id, factor)] = result.clipped.items()
-    assert 0 < factor < 1 and not result.linear
-    # The clipped client keeps its share n_c / sum(n); only its contribution is scaled.
-    assert result.effective_weights[clipped_id] == result.weights[clipped_id] * factor
-    clipped_update = next(update for update in updates if update.client_id == clipped_id)
-    assert 0 < len(replayed) <= len(set(torch.as_tensor(clipped_update.seed_indices).tolist()))
-    assert set(replayed) <= set(federated.server.seed_pool[clipped_update.seed_indices].tolist())
-    # the sync message carries the accumulators as float32
-    assert torch.equal(corrected_optimizer.accumulators, federated.server.accumulators.float().double())
-
-    # The reference: the same round applied by replaying every touched seed of the server's accumulators.
-    monkeypatch.setattr(FederatedCallback, "_corrections", staticmethod(lambda aggregated, result: None))
-    replayed_model, replayed_optimizer, *_ = run(tmp_path / "replayed", cfg)
-    # Both runs take the same local steps (a snapshot undo is exact) and differ only in float32 rounding: each
-    # rounding is at most half an ulp, eps / 2 * |w|. The committed weights went through 3 passes per local step
-    # (+eps z, -2 eps z, then restore and step), the difference from the round's start, the running sum, the commit
-    # and one replay per corrected seed; the replayed ones through one add per touched seed. Bound each by eps * W.
-    # Leaving the clipped client unscaled, by contrast, moves weights by (1 - factor) * share * lr * |g| * |z|.
-    steps = cfg.clients_per_round * cfg.local_steps
-    extents = [p.detach().abs().max().item() for p in corrected.parameters()]
-    bound = (3 * steps + 4 + len(replayed) + result.seeds_touched) * torch.finfo(torch.float32).eps * max(extents)
-    for a, b in zip(corrected.parameters(), replayed_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=bound)
-    assert torch.equal(corrected_optimizer.accumulators, replayed_optimizer.accumulators)
-
-    # Without the correction the committed weights would be the old running sum: far beyond the bound.
-    monkeypatch.undo()
-    monkeypatch.setattr(FederatedCallback, "_correction_coefficients", lambda self, updates, corrections: None)
-    uncorrected, *_ = run(tmp_path / "uncorrected", cfg)
-    pairs = zip(uncorrected.parameters(), replayed_model.parameters(), strict=True)
-    gap = max((a - b).abs().max().item() for a, b in pairs)
-    assert gap > 100 * bound
-
-
-def test_a_client_screened_out_falls_back_to_replaying_the_accumulators():
-    base = dict(accepted=[0, 1, 2], weights={c: 1 / 3 for c in range(3)}, clipped={}, linear=True)
-    result = SimpleNamespace(**base, effective_weights=dict(base["weights"]))
-    assert FederatedCallback._corrections({0: 5.0, 1: 5.0, 2: 5.0}, result) == {}
-    clipped = SimpleNamespace(**{**base, "clipped": {1: 0.5}, "linear": False})
-    clipped.effective_weights = {0: 1 / 3, 1: 1 / 6, 2: 1 / 3}
-    assert FederatedCallback._corrections({0: 5.0, 1: 5.0, 2: 5.0}, clipped) == {1: pytest.approx(-1 / 6)}
-    screened = SimpleNamespace(**{**base, "accepted": [0, 1], "weights": {0: 0.5, 1: 0.5}})
-    screened.effective_weights = dict(screened.weights)
-    assert FederatedCallback._corrections({0: 5.0, 1: 5.0, 2: 5.0}, screened) is None
-    robust = SimpleNamespace(**base, effective_weights=None)  # trimmed_mean, median
-    assert FederatedCallback._corrections({0: 5.0, 1: 5.0, 2: 5.0}, robust) is None
+    fresh = tiny_llama()
+    client = KSeedClient(list(fresh.named_parameters()), engine=optimizer.engine, seed_pool=optimizer.seed_pool)
+    for round_index, (accumulators, weights, _) in enumerate(after_rounds):
+        client.catch_up(SyncMessage.build(server_round=round_index + 1, accumulators=accumulators, encoding="full"))
+        for (_, param), expected in zip(fresh.named_parameters(), weights, strict=True):
+            assert torch.equal(param, expected)
+    assert torch.equal(optimizer.accumulators, federated.server.accumulators.float().double())
 
 
 def test_refusals_name_the_fix(tmp_path):

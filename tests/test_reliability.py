@@ -312,7 +312,7 @@ def test_the_flower_client_refuses_a_bad_request_at_once(kind):
     case, match = CLIENT_REFUSALS[kind]
     with pytest.raises(ValueError, match=match):
         FederatedTask.train_client(
-            fake_task(), case.get("message", sync()), client_id=0, step_offset=case.get("step_offset", 0)
+            fake_task(), [case.get("message", sync())], client_id=0, step_offset=case.get("step_offset", 0)
         )
 
 
@@ -705,17 +705,20 @@ def test_the_fedavg_baseline_resumes_its_round_log_by_the_same_rule(tmp_path, ca
 
     from hf_fedkseed.baselines.fedavg import FedAvgCallback
     from hf_fedkseed.callback import FederatedConfig
+    from hf_fedkseed.federated.rounds import RoundLog
+    from hf_fedkseed.trainer_rounds import FederatedRoundsCallback
 
     rows = Dataset.from_dict({"task": ["a", "b"], "input_ids": [[1, 2], [3, 4]], "labels": [[1, 2], [3, 4]]})
     config = FederatedConfig(
         rounds=3, local_steps=1, clients_per_round=1, partition="natural", partition_column="task", method="fedavg"
     )
     callback = FedAvgCallback(config, rows)
-    callback.rounds_path = tmp_path / "rounds.jsonl"
-    callback.rounds_path.write_text('{"round": 0, "bytes_per_client": 1}\n{"round": 1, "bytes_per_client": 2}\n')
-    with callback.rounds_path.open("a") as handle:
+    assert isinstance(callback, FederatedRoundsCallback)  # the base that keeps the log for every method
+    callback.log = RoundLog(tmp_path / "rounds.jsonl")
+    callback.log.path.write_text('{"round": 0, "bytes_per_client": 1}\n{"round": 1, "bytes_per_client": 2}\n')
+    with callback.log.path.open("a") as handle:
         handle.write('{"round": 2, "clients": [0, ')
-    callback._rewrite_rounds_file(keep_below=2)
+    callback.history = callback.log.restore(keep_below=2)
     assert [record["round"] for record in callback.history] == [0, 1]
-    assert [json.loads(line)["round"] for line in callback.rounds_path.read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["round"] for line in callback.log.path.read_text().splitlines()] == [0, 1]
     assert "last line is torn" in caplog.text

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
-from ..callback import FederatedConfig, RoundScheduleCallback
+from ..federated.config import FederatedConfig
 from ..federated.partition import Partition
-from ..federated.server import KSeedServer
+from ..trainer_rounds import FederatedRoundsCallback
 from .fedzo import SeedStepsMessage, encode_seed_history
 
 logger = logging.getLogger(__name__)
@@ -39,11 +36,11 @@ def decode_tensors(payload: bytes) -> dict[str, torch.Tensor]:
     return load(payload)
 
 
-class FedAvgCallback(RoundScheduleCallback):
+class FedAvgCallback(FederatedRoundsCallback):
     """Federated rounds that average client *weights*, emulated inside the stock `transformers.Trainer`.
 
     The runtime of the baselines that FedKSeed is compared with. Each round the server selects clients with the
-    same seeded, stateless draw as `KSeedServer.select_clients` (so every method sees the same clients in the same
+    seeded, stateless draw of FedKSeed's server (`select_clients`: every method sees the same clients in the same
     rounds) and broadcasts the trained tensors; each selected client loads them, runs `tau` local optimizer steps on
     its shard (the Trainer's optimizer: AdamW for FedAvg and FedIT, a ZO optimizer for FedZO), with its optimizer
     state reset first (as FedAvg and FedIT clients start each round afresh), and uploads its result; the server
@@ -101,7 +98,6 @@ class FedAvgCallback(RoundScheduleCallback):
         super().__init__(config, train_dataset, partition)  # train_dataset: the very stream FedKSeed's clients read
         self.payload = payload
         self.trained = trained
-        self.selector: KSeedServer | None = None  # client selection only; built from `args.seed`
         self._model = None
         self._optimizer = None
         self._loss_hook = None
@@ -109,79 +105,32 @@ class FedAvgCallback(RoundScheduleCallback):
         self._loss_count = 0
         self._seed_history: list[tuple[int, float]] = []  # every (seed, lr*g) of every client so far (FedZO)
 
-    # ------------------------------------------------------------------ schedule (the rest: RoundScheduleCallback)
-    def selected_clients(self, round_index: int) -> list[int]:
-        return self.selector.select_clients(round_index)
+    def client_weight(self, num_samples: int) -> float:
+        """A client's unnormalised weight: its sample count ("samples") or 1 ("equal"), as FedKSeed's server."""
+        return float(num_samples) if self.config.aggregation in ("samples", "norm_bound") else 1.0
 
-    # ------------------------------------------------------------------ Trainer events
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if args.dataloader_num_workers > 0:
-            raise ValueError(
-                f"`dataloader_num_workers`={args.dataloader_num_workers}: the federated stream must be read in step "
-                "order; set `dataloader_num_workers=0`."
-            )
-        if args.max_steps < self.total_steps:
-            raise ValueError(
-                f"`max_steps`={args.max_steps} cannot hold {self.config.rounds} rounds x {self.clients_per_round} "
-                f"clients x {self.config.local_steps} local steps; set `max_steps={self.total_steps}`."
-            )
-        self.selector = KSeedServer(
-            self.partition.num_clients,
-            num_seeds=1,  # unused: the selector only draws clients, exactly as FedKSeed's server does
-            seed=args.seed,
-            clients_per_round=self.clients_per_round,
-            aggregation=self.config.aggregation,
-        )
+    # ------------------------------------------------------------------ Trainer setup
+    def setup(self, args, model, optimizer) -> None:
+        self.seed = args.seed  # the clients FedKSeed's server selects: its seed is the optimizer's, `args.seed`
         self._model = model
         if self.trained is None and model is not None:
             self.trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not self.trained:
             raise ValueError("FedAvgCallback found no trainable parameter; pass the model or `trained=`.")
-        if args.remove_unused_columns and model is not None:
-            signature = inspect.signature(model.forward).parameters
-            self.columns = [name for name in signature if name not in ("self", "kwargs")] + ["label", "labels"]
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if train_dataloader is not None and getattr(train_dataloader, "dataset", None) is not self.train_dataset:
-            raise ValueError("Pass `train_dataset=federated.train_dataset` to the Trainer.")
-        self.per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        round_index, slot, local_step = self.where(state.global_step)
-        if slot or local_step:
-            raise ValueError(
-                f"Resuming at step {state.global_step}, inside round {round_index}; resume from a round boundary."
-            )
+    def start(self, args, state, optimizer) -> None:
         if self._model is not None and self._loss_hook is None:
             self._loss_hook = self._model.register_forward_hook(self._record_loss)
-        if state.is_world_process_zero:
-            self.rounds_path = Path(args.output_dir) / "rounds.jsonl"
-            self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
-            self._rewrite_rounds_file(keep_below=round_index, resumed_from=args.resume_from_checkpoint)
-        logger.info(
-            "%s: %d clients, %d per round, %d rounds x %d local steps = %d Trainer steps, %d trained tensors",
-            self.config.method,
-            self.partition.num_clients,
-            self.clients_per_round,
-            self.config.rounds,
-            self.config.local_steps,
-            self.total_steps,
-            len(self.trained),
-        )
+
+    def describe(self) -> str:
+        return f"{self.config.method} ({len(self.trained)} trained tensors)"
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
 
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        round_index, slot, local_step = self.where(state.global_step)
-        if local_step:
-            return
-        if slot == 0:
-            self._begin_round(round_index)
-        self._begin_client(slot, optimizer)
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        round_index, slot, local_step = self.where(state.global_step - 1)
+    def after_step(self, slot: int, optimizer) -> None:
         record = self._round
         last_step = getattr(_unwrap(optimizer), "last_step", None)
         if last_step is not None:  # a zeroth-order optimizer: its loss, and (FedZO) the step's seed and lr*g
@@ -193,28 +142,6 @@ class FedAvgCallback(RoundScheduleCallback):
             record["losses"].append(float(self._loss_sum) / self._loss_count)
         self._loss_sum.zero_()
         self._loss_count = 0
-        if local_step == self.config.local_steps - 1:
-            self._end_client(record["clients"][slot])
-            if slot == self.clients_per_round - 1:
-                self._end_round(round_index)
-                control.should_log = True
-                for flag in self._deferred:
-                    setattr(control, flag, True)
-                self._deferred.clear()
-                if round_index == self.config.rounds - 1:
-                    control.should_training_stop = True
-                return
-        for flag in ("should_save", "should_evaluate"):  # mid-round the weights are a client's
-            if getattr(control, flag):
-                self._deferred.add(flag)
-                setattr(control, flag, False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending_log is not None and logs is not None:
-            logs.update(self._pending_log)
-            if state.log_history:
-                state.log_history[-1].update(self._pending_log)
-            self._pending_log = None
 
     # ------------------------------------------------------------------ rounds
     def _record_loss(self, module, inputs, output) -> None:
@@ -225,7 +152,7 @@ class FedAvgCallback(RoundScheduleCallback):
             self._loss_count += 1
 
     @torch.no_grad()
-    def _begin_round(self, round_index: int) -> None:
+    def begin_round(self, round_index: int) -> None:
         global_tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.trained}
         self._round = {
             "round": round_index,
@@ -243,7 +170,7 @@ class FedAvgCallback(RoundScheduleCallback):
         }
 
     @torch.no_grad()
-    def _begin_client(self, slot: int, optimizer) -> None:
+    def begin_client(self, slot: int, optimizer) -> None:
         record = self._round
         record["bytes_down"] += len(record["download"])
         received = decode_tensors(record["download"])  # what the client loads: the round's global tensors
@@ -256,8 +183,9 @@ class FedAvgCallback(RoundScheduleCallback):
         self._optimizer = inner
 
     @torch.no_grad()
-    def _end_client(self, client_id: int) -> None:
+    def end_client(self, slot: int) -> None:
         record = self._round
+        client_id = record["clients"][slot]
         num_samples = len(self.partition.clients[client_id])
         if self.payload == "weights":
             upload = encode_tensors({name: p for name, p in self.trained})
@@ -277,13 +205,13 @@ class FedAvgCallback(RoundScheduleCallback):
             # Replaying the pairs on the broadcast model gives these weights up to float rounding (see the tests).
             client_tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.trained}
         record["bytes_up"] += len(upload)
-        weight = self.selector.client_weight(num_samples)
+        weight = self.client_weight(num_samples)
         record["weights"][client_id] = weight
         for name, tensor in client_tensors.items():
             record["aggregate"][name].add_(tensor.to(torch.float32) - record["global"][name], alpha=weight)
 
     @torch.no_grad()
-    def _end_round(self, round_index: int) -> None:
+    def end_round(self, round_index: int) -> dict:
         record = self._round
         total = sum(record["weights"].values())
         for name, param in self.trained:
@@ -311,26 +239,8 @@ class FedAvgCallback(RoundScheduleCallback):
         if self.payload == "seed_steps":
             # The alternative download: every (seed, lr*g) since round 0 for a client to replay from w0.
             entry["bytes_down_seed_history"] = len(encode_seed_history(self._seed_history))
-        self.history.append(entry)
-        self._pending_log = {
-            "round": round_index,
-            "round_train_loss": entry["train_loss"],
-            "bytes_up": entry["bytes_up"],
-            "bytes_down": entry["bytes_down"],
-            "round_seconds": entry["seconds"],
-        }
-        if self.rounds_path is not None:
-            with self.rounds_path.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-        logger.info(
-            "round %d/%d  loss %.4f  bytes/client %.0f  %.1fs",
-            round_index + 1,
-            self.config.rounds,
-            entry["train_loss"],
-            entry["bytes_per_client"],
-            entry["seconds"],
-        )
         self._round = None
+        return entry
 
 
 def _unwrap(optimizer):

@@ -64,18 +64,10 @@ def prepare_baseline(method: str, model, train_rows, *, model_args, zo_args, fed
         raise ValueError(f"`load_in_{bits}bit` applies to `method: fedit` only (a quantized base for LoRA).")
 
     if method == "fedzo":
-        from .fedzo import FreshSeedZOOptimizer
+        from ..build import build_optimizer
 
         federated = FedAvgCallback(federated_config, train_rows, payload="seed_steps")
-        optimizer = FreshSeedZOOptimizer(
-            model,
-            lr=training_args.learning_rate,
-            eps=zo_args.zo_eps,
-            max_steps=federated.total_steps,
-            seed=training_args.seed,
-            engine=zo_args.engine,
-            grad_clip=zo_args.grad_clip,
-        )
+        optimizer = build_optimizer(model, zo_args, training_args, fresh_seeds_for_steps=federated.total_steps)
         return BaselineSetup(model, optimizer, federated)
 
     if method == "fedit":

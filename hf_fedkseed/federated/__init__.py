@@ -1,6 +1,7 @@
 """Federated FedKSeed: partitioners, server, client and wire protocol (no Trainer inside)."""
 
 from .client import KSeedClient, LocalStep
+from .messages import SyncMessage, UpdateMessage, decode_message
 from .partition import (
     STRATEGIES,
     Partition,
@@ -9,16 +10,8 @@ from .partition import (
     natural_partition,
     partition_dataset,
 )
-from .protocol import (
-    PROTOCOL_VERSION,
-    ProtocolError,
-    SyncMessage,
-    UpdateMessage,
-    decode_message,
-    message_bytes_report,
-    seed_index_dtype,
-)
 from .server import DEFAULT_PRO_CLIP, AggregationResult, ClientUpdate, KSeedServer, SparseVector
+from .wire import PROTOCOL_VERSION, ProtocolError, seed_index_dtype
 
 __all__ = [
     "DEFAULT_PRO_CLIP",
@@ -37,7 +30,6 @@ __all__ = [
     "decode_message",
     "dirichlet_partition",
     "iid_partition",
-    "message_bytes_report",
     "natural_partition",
     "partition_dataset",
     "seed_index_dtype",

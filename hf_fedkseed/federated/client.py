@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..perturbation import PerturbationEngine
-from .protocol import SyncMessage, UpdateMessage
+from .messages import SyncMessage, UpdateMessage
 
 UNDO_MODES = ("snapshot", "replay")
 
@@ -36,11 +35,9 @@ class KSeedClient:
         engine: the perturbation engine of the optimizer (it fixes every z).
         seed_pool: the K candidate seeds.
         undo: how local drift is undone. "snapshot" copies the trained weights once per client to host memory
-            (off the accelerator) and copies them back: exact and fast. It also keeps a host-memory running sum of
-            the clients' weighted weight changes, so the round's aggregate is applied in one pass instead of one z
-            pass per touched seed (`commit_aggregate`): two copies of the weights in CPU RAM. "replay" adds back
-            `lr_t g_t z_t` of every local step and catches up by replaying the touched seeds: no extra memory, one
-            z pass per local step and per touched seed, exact only up to float rounding.
+            (off the accelerator) and copies them back: exact and fast, one copy of the weights in CPU RAM.
+            "replay" adds back `lr_t g_t z_t` of every local step: no extra memory, one z pass per local step,
+            exact only up to float rounding.
 
     Example:
         >>> client = KSeedClient(optimizer.named_params, engine=optimizer.engine, seed_pool=optimizer.seed_pool)
@@ -69,7 +66,6 @@ class KSeedClient:
         self.synced_round: int | None = None
         self.steps: list[LocalStep] = []
         self._snapshot: list[torch.Tensor] | None = None
-        self._aggregate: list[torch.Tensor] | None = None  # sum_c weight_c * (w_c - w_r), snapshot mode only
         self._in_local = False
 
     @property
@@ -151,21 +147,11 @@ class KSeedClient:
         )
 
     @torch.no_grad()
-    def end_local(self, weight: float = 0.0) -> None:
-        """Undo the local steps: the weights are back at `w(synced)`.
-
-        Args:
-            weight: in snapshot mode, add `weight * (w_local - w(synced))` to the round's running aggregate first
-                (the client's aggregation weight, unnormalised; 0 leaves it out).
-        """
+    def end_local(self) -> None:
+        """Undo the local steps: the weights are back at `w(synced)`."""
         if not self._in_local:
             return
         if self.undo == "snapshot":
-            if weight:
-                if self._aggregate is None:
-                    self.reset_aggregate()
-                for total, buffer, (_, param) in zip(self._aggregate, self._snapshot, self.named_params, strict=True):
-                    total.add_(param.detach().to("cpu", copy=True).sub_(buffer), alpha=weight)
             for buffer, (_, param) in zip(self._snapshot, self.named_params, strict=True):
                 param.copy_(buffer)
         else:
@@ -176,64 +162,6 @@ class KSeedClient:
             )
         self.steps = []
         self._in_local = False
-
-    def reset_aggregate(self) -> None:
-        """Start a round's running aggregate at zero (snapshot mode)."""
-        if self.undo != "snapshot":
-            raise RuntimeError("The running aggregate exists in snapshot mode only; use catch_up() with replay.")
-        if self._aggregate is None:
-            self._aggregate = [torch.zeros_like(p, device="cpu") for _, p in self.named_params]
-        else:
-            for total in self._aggregate:
-                total.zero_()
-
-    @torch.no_grad()
-    def commit_aggregate(self, sync: SyncMessage, scale: float, correction: torch.Tensor | None = None) -> int:
-        """Move the weights to `w(synced) + scale * aggregate (+ correction)` and adopt `sync`'s accumulators.
-
-        The caller guarantees that the aggregate, scaled by `scale`, plus `correction` is the server's round: the
-        result equals `catch_up(sync)` up to float rounding. Without a correction it takes one pass and generates
-        no z; a correction replays only its non-zero seeds.
-
-        Args:
-            sync: the server's accumulators after the round.
-            scale: normalises the aggregate's unnormalised weights.
-            correction: optional float64 coefficients `c` (length K) of the seed pool: `sum_j c_j z_j` is added to
-                the weights after the aggregate, e.g. to scale down the share of a client the server clipped.
-
-        Returns:
-            How many seeds the correction replayed (0 without one).
-        """
-        if self._in_local or self._aggregate is None or self._snapshot is None:
-            raise RuntimeError("commit_aggregate() needs a finished round in snapshot mode.")
-        target = sync.apply_to(self.synced, client_round=self.synced_round)
-        if correction is not None:
-            correction = torch.as_tensor(correction, dtype=torch.float64).detach().cpu().flatten()
-            if correction.numel() != self.num_seeds:
-                raise ValueError(f"The correction holds {correction.numel()} coefficients; K={self.num_seeds}.")
-        finite = correction is None or bool(torch.isfinite(correction).all())
-        if not (math.isfinite(scale) and torch.isfinite(target).all() and finite):
-            raise ValueError("commit_aggregate() would give non-finite accumulators; refused, weights unchanged.")
-        # The new weights are formed in the aggregate's host buffers (reset next round anyway) and all checked
-        # before any is written, so NaN or inf never reaches the model.
-        for total, buffer, (name, param) in zip(self._aggregate, self._snapshot, self.named_params, strict=True):
-            torch.add(buffer, total, alpha=scale, out=total)
-            if not bool(torch.isfinite(total.to(param.dtype)).all()):
-                self.reset_aggregate()
-                raise RuntimeError(f"commit_aggregate() would write a non-finite weight in `{name}`; refused.")
-        for total, (_, param) in zip(self._aggregate, self.named_params, strict=True):
-            param.copy_(total)
-        replayed = 0
-        if correction is not None:
-            changed = correction.nonzero().flatten()
-            if changed.numel():
-                replayed = self.engine.replay_(
-                    self.named_params, self.seed_pool[changed].tolist(), correction[changed].tolist()
-                )
-                self._check_finite("commit_aggregate()")
-        self.synced = target
-        self.synced_round = sync.server_round
-        return replayed
 
     def state_dict(self) -> dict:
         """The synced accumulators and round (local training is never checkpointed: see FederatedCallback)."""

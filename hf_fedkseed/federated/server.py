@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..perturbation import _splitmix64
+from ..perturbation.hashing import MASK64, splitmix64
 from ..zo import make_seed_pool
+from .wire import _as_int64_indices, _first_non_finite, _first_out_of_range
 
 # How the accepted updates are combined. "samples" and "equal" are the official code's weighted means; the robust
 # choices cost O(K x clients) scalar operations per round, nothing next to one forward pass of the model.
@@ -54,7 +55,6 @@ DEFAULT_PRO_GRAD_INITIAL = 0.0
 _MIN_MAX_EPS = 1e-10
 # Mixed into the selection generator's seed so it never coincides with the seed sampler's or the pool's stream.
 _SELECTION_SALT = 0xC11E57
-_MASK64 = (1 << 64) - 1
 _STATE_VERSION = 1
 
 
@@ -64,6 +64,23 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def pro_probabilities(importance: torch.Tensor) -> torch.Tensor:
+    """The official FedKSeed-Pro seed sampling distribution over per-seed importances (float64, sums to one).
+
+    `softmax((imp - min(imp)) / (max(imp) + 1e-10 - min(imp)))` over all K seeds: uniform when every importance is
+    equal, and at most e times likelier for the most important seed.
+
+    Example:
+        >>> pro_probabilities(torch.tensor([0.0, 1.0], dtype=torch.float64))  # [1 / (1 + e), e / (1 + e)]
+        tensor([0.2689, 0.7311], dtype=torch.float64)
+    """
+    low = importance.min()
+    normalized = (importance - low) / (importance.max() + _MIN_MAX_EPS - low)
+    exps = torch.exp(normalized - normalized.max())
+    probabilities = exps / exps.sum()
+    return probabilities / probabilities.sum()  # the official code renormalises when the sum is not 1.0
 
 
 @dataclass
@@ -173,6 +190,22 @@ class _CheckedUpdate:
     def coefficients(self, num_seeds: int) -> torch.Tensor:
         """The client's per-seed sums of its scalars: what its steps added to each accumulator (float64, K)."""
         return torch.zeros(num_seeds, dtype=torch.float64).index_add_(0, self.seed_indices, self.scalars)
+
+
+def select_clients(seed: int, round_index: int, num_clients: int, clients_per_round: int) -> list[int]:
+    """The ids of the clients that take part in a round, ascending, drawn without replacement.
+
+    Stateless: a private generator seeded from `(seed, round)` alone draws them, so the answer for a round never
+    depends on earlier calls, every runtime and every method (FedKSeed and the baselines) sees the same clients in
+    the same rounds, and the global RNG is neither read nor written.
+
+    Raises:
+        ValueError: if `round_index` is not an integer >= 0.
+    """
+    if not _is_int(round_index) or round_index < 0:
+        raise ValueError(f"Invalid `round`: {round_index!r}; it must be an integer >= 0.")
+    generator = torch.Generator().manual_seed(splitmix64(splitmix64((seed & MASK64) ^ _SELECTION_SALT) ^ round_index))
+    return sorted(torch.randperm(num_clients, generator=generator)[:clients_per_round].tolist())
 
 
 class KSeedServer:
@@ -317,20 +350,8 @@ class KSeedServer:
         return self.seed_pool.numel()
 
     def select_clients(self, round: int) -> list[int]:
-        """The ids of the clients that take part in `round`, ascending, drawn without replacement.
-
-        Stateless: a private `torch.Generator` seeded from `(seed, round)` alone draws them, so the answer for a
-        round never depends on earlier calls, and the global RNG is neither read nor written.
-
-        Raises:
-            ValueError: if `round` is not an integer >= 0.
-        """
-        if not _is_int(round) or round < 0:
-            raise ValueError(f"Invalid `round`: {round!r}; it must be an integer >= 0.")
-        generator_seed = _splitmix64(_splitmix64((self.seed & _MASK64) ^ _SELECTION_SALT) ^ int(round))
-        generator = torch.Generator().manual_seed(generator_seed)
-        chosen = torch.randperm(self.num_clients, generator=generator)[: self.clients_per_round]
-        return sorted(chosen.tolist())
+        """The ids of the clients that take part in `round` (`select_clients` of this server's seed)."""
+        return select_clients(self.seed, round, self.num_clients, self.clients_per_round)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate(
@@ -611,11 +632,10 @@ class KSeedServer:
                 grads = torch.as_tensor(grads, dtype=torch.float64).detach().cpu().clone()
         except (AttributeError, TypeError, ValueError, RuntimeError) as error:
             return f"the per-step values could not be read as numbers: {error}"
-        if seed_indices.numel() == 0:
-            seed_indices = seed_indices.to(torch.int64)  # `torch.as_tensor([])` is float32
-        if seed_indices.dtype.is_floating_point or seed_indices.dtype.is_complex or seed_indices.dtype == torch.bool:
+        indices = _as_int64_indices(seed_indices)
+        if indices is None:
             return f"`seed_indices` must be integers, got dtype {seed_indices.dtype}"
-        seed_indices = seed_indices.to(torch.int64).clone()
+        seed_indices = indices
         if grads is None and self.pro:
             return "`projected_grads` is missing; FedKSeed-Pro (`pro=True`) needs the g of every step"
         if seed_indices.ndim != 1 or scalars.ndim != 1 or (grads is not None and grads.ndim != 1):
@@ -626,12 +646,12 @@ class KSeedServer:
             if grads is not None:
                 sizes += f", {grads.numel()} projected grads"
             return f"length mismatch: {sizes}; every step needs one of each"
-        outside = seed_indices[(seed_indices < 0) | (seed_indices >= self.num_seeds)]
-        if outside.numel():
-            return f"seed index {outside[0].item()} is outside [0, {self.num_seeds})"
-        if not torch.isfinite(scalars).all():
+        position = _first_out_of_range(seed_indices, self.num_seeds)
+        if position is not None:
+            return f"seed index {seed_indices[position].item()} is outside [0, {self.num_seeds})"
+        if _first_non_finite(scalars) is not None:
             return "a scalar (lr * g) is not finite"
-        if grads is not None and not torch.isfinite(grads).all():
+        if grads is not None and _first_non_finite(grads) is not None:
             return "a projected gradient g is not finite"
         if self.max_abs_scalar is not None and steps and scalars.abs().max().item() > self.max_abs_scalar:
             return f"|scalar| {scalars.abs().max().item():.6g} exceeds `max_abs_scalar`={self.max_abs_scalar:.6g}"
@@ -658,17 +678,12 @@ class KSeedServer:
         """The seed sampling distribution for the clients' `SeedSampler` (float64, sums to one).
 
         Uniform with `pro=False`. With `pro=True` it is the official FedKSeed-Pro formula,
-        `softmax((imp - min(imp)) / (max(imp) + 1e-10 - min(imp)))` over all K seeds with `imp = importance()`:
-        uniform until a gradient is seen, and at most e times likelier for the most important seed.
+        `pro_probabilities(importance())`: uniform until a gradient is seen, and at most e times likelier for the
+        most important seed.
         """
         if not self.pro:
             return torch.full((self.num_seeds,), 1.0 / self.num_seeds, dtype=torch.float64)
-        imp = self.importance()
-        low = imp.min()
-        normalized = (imp - low) / (imp.max() + _MIN_MAX_EPS - low)
-        exps = torch.exp(normalized - normalized.max())
-        probabilities = exps / exps.sum()
-        return probabilities / probabilities.sum()  # the official code renormalises when the sum is not 1.0
+        return pro_probabilities(self.importance())
 
     # ------------------------------------------------------------------ the model
     def model_coefficients(self) -> torch.Tensor:

@@ -34,10 +34,11 @@ def handle_query(message, context):
 
 
 def handle_train(message, context, task: FederatedTask):
-    """Run one client's round: decode the `SyncMessage`, catch up, take the local ZO steps, reply the update.
+    """Run one client's round: decode the `SyncMessage`s, catch up, take the local ZO steps, reply the update.
 
-    The request's `sync` record holds `payload` (the SyncMessage bytes), `client_id` and `step_offset`; the reply's
-    `update` record holds `payload` (the UpdateMessage bytes) and its `metrics` record the loss of every step.
+    The request's `sync` record holds `payloads` (the SyncMessages, applied in order), `client_id` and `step_offset`;
+    the reply's `update` record holds `payload` (the UpdateMessage bytes) and its `metrics` record the loss of every
+    step.
 
     Raises:
         ValueError: for a request that is not for this node's partition, or whose payload is not a valid
@@ -50,14 +51,19 @@ def handle_train(message, context, task: FederatedTask):
     record = message.content.get(SYNC_RECORD)
     if record is None:
         raise ValueError(f"The train message has no `{SYNC_RECORD}` record; it was not sent by the FedKSeed ServerApp.")
-    payload, client_id, step_offset = (record.get(key) for key in ("payload", "client_id", "step_offset"))
-    if not isinstance(payload, bytes) or not isinstance(client_id, int) or not isinstance(step_offset, int):
-        raise ValueError("The `sync` record needs `payload` (bytes), `client_id` (int) and `step_offset` (int).")
+    payloads, client_id, step_offset = (record.get(key) for key in ("payloads", "client_id", "step_offset"))
+    if (
+        not isinstance(payloads, list)
+        or not all(isinstance(payload, bytes) for payload in payloads)
+        or not isinstance(client_id, int)
+        or not isinstance(step_offset, int)
+    ):
+        raise ValueError("The `sync` record needs `payloads` (a list of bytes), `client_id` and `step_offset` (ints).")
     partition_id = node_partition(context)
     if client_id != partition_id:
         raise ValueError(f"Asked to train client {client_id}, but this node holds partition {partition_id}.")
-    sync = SyncMessage.decode(payload)
-    update, losses = task.train_client(sync, client_id=client_id, step_offset=step_offset)
+    syncs = [SyncMessage.decode(payload) for payload in payloads]
+    update, losses = task.train_client(syncs, client_id=client_id, step_offset=step_offset)
     content = RecordDict(
         {
             UPDATE_RECORD: ConfigRecord({"payload": update.encode()}),

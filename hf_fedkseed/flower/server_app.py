@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..callback import pro_seed_schedule
-from ..federated.protocol import ProtocolError, SyncMessage, UpdateMessage
+from ..federated.protocol import ProtocolError, SyncMessage
+from ..federated.rounds import RoundLog, SyncChain, decode_update, round_record, seed_schedule
 from ..federated.server import ClientUpdate, KSeedServer
 from .task import (
     METRICS_RECORD,
@@ -38,7 +37,10 @@ def message_wire_bytes(message) -> int | None:
 
 @dataclass
 class FlowerRun:
-    """What a ServerApp run leaves behind: the server, the final sync and one record per round.
+    """What a ServerApp run leaves behind: the server, the final syncs and one record per round.
+
+    `final_sync` carries the final accumulators (the paper's form); `final_syncs` moves `w0` to the final model round
+    by round, the rule every runtime follows, so it rebuilds the emulation's model bit for bit.
 
     Example:
         >>> run = FlowerRun()
@@ -50,6 +52,7 @@ class FlowerRun:
     history: list[dict] = field(default_factory=list)
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
     final_sync: SyncMessage | None = None
+    final_syncs: list[SyncMessage] = field(default_factory=list)  # w0 -> the final model, round by round
 
 
 def wait_for_nodes(grid, expected: int, timeout: float, poll: float = 0.5) -> list[int]:
@@ -84,15 +87,14 @@ def register_nodes(grid, node_ids, *, timeout: float) -> dict[int, int]:
 
 
 def read_update(
-    reply, *, client_id: int, round_index: int, num_seeds: int | None = None
+    reply, *, client_id: int, round_index: int, num_seeds: int
 ) -> tuple[ClientUpdate | None, int, list[float], str | None]:
     """Decode one train reply: `(update or None, payload bytes, step losses, why it is unusable or None)`.
 
-    Nothing in a reply is trusted: an error reply, a missing record, a payload that is not bytes, a message that
-    fails `UpdateMessage.decode` (bad length or CRC, NaN scalars, seed indices out of range), an update for another
-    client or round or (when `num_seeds` is given) another K, or losses that are not a list of finite numbers all
-    give a reason and no update. The update keeps its header's round and K, which `KSeedServer.aggregate` checks
-    again; its claimed `num_samples` is carried but never used as a weight (the server weighs by known counts).
+    Nothing in a reply is trusted: an error reply, a missing record, or a payload that `decode_update` refuses
+    (not bytes, a bad length or CRC, NaN scalars, seed indices out of range, another client, round or K) gives a
+    reason and no update; losses that are not a list of finite numbers are dropped. The server weighs clients by
+    the counts it knows, never by the `num_samples` an update claims.
     """
     if reply.has_error():
         return None, 0, [], f"the client replied with an error: {reply.error.reason}"
@@ -100,135 +102,127 @@ def read_update(
     if UPDATE_RECORD not in content:
         return None, 0, [], f"the reply has no `{UPDATE_RECORD}` record"
     payload = content[UPDATE_RECORD].get("payload")
-    if not isinstance(payload, bytes):
-        return None, 0, [], f"the update payload is {type(payload).__name__}, not bytes"
+    size = len(payload) if isinstance(payload, bytes) else 0
     try:
-        received = UpdateMessage.decode(payload)
+        update = decode_update(payload, client_id=client_id, round_index=round_index, num_seeds=num_seeds)
     except ProtocolError as error:
-        return None, len(payload), [], f"malformed UpdateMessage: {error}"
-    if received.client_id != client_id or received.server_round != round_index:
-        return (
-            None,
-            len(payload),
-            [],
-            f"the update is for client {received.client_id}, round {received.server_round}; expected client "
-            f"{client_id}, round {round_index}",
-        )
-    if num_seeds is not None and received.num_seeds != num_seeds:
-        return None, len(payload), [], f"the update is for K={received.num_seeds} seeds; the server has K={num_seeds}"
+        return None, size, [], f"malformed UpdateMessage: {error}"
+    except ValueError as error:
+        return None, size, [], str(error)
     losses = content[METRICS_RECORD].get("losses", []) if METRICS_RECORD in content else []
     if not isinstance(losses, list) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses):
         losses = []  # a bad metric only loses the loss record; the update itself was validated above
-    update = ClientUpdate(
-        client_id=received.client_id,
-        num_samples=received.num_samples,
-        seed_indices=received.seed_indices,
-        scalars=received.scalars,
-        projected_grads=received.projected_grads,
-        server_round=received.server_round,
-        num_seeds=received.num_seeds,
-    )
-    return update, len(payload), [float(x) for x in losses], None
+    return update, size, [float(x) for x in losses], None
 
 
-def run_round(grid, task: FederatedTask, server: KSeedServer, nodes: dict[int, int], round_index: int, *, timeout):
-    """One FedKSeed round over Flower messages; returns the round's record (the emulation's fields and more).
+def run_round(
+    grid,
+    task: FederatedTask,
+    server: KSeedServer,
+    nodes: dict[int, int],
+    round_index: int,
+    *,
+    timeout,
+    chain=None,
+    sync_from: str = "node",
+):
+    """One FedKSeed round over Flower messages; returns the round's record (`round_record`'s fields and more).
 
-    The server selects the round's clients, sends each the full `SyncMessage` (and its Pro seed schedule) with its
-    `step_offset`, waits up to `timeout` seconds, decodes and checks the replies (client, round, K), and aggregates
-    the valid ones, weighted by the partition sizes the server knows (`weighting` in the record).
+    The server selects the round's clients and sends each, with its `step_offset`, the syncs that bring its model to
+    this round (`SyncChain`: one sparse `SyncMessage` per round since the node last synced, the last one carrying
+    the Pro seed schedule), waits up to `timeout` seconds, decodes and checks the replies (client, round, K), and
+    aggregates the valid ones, weighted by the partition sizes the server knows (`weighting` in the record).
     A client without a node, one that errs, one that does not answer in time, and one whose reply is malformed is
-    left out of the round (`failed` or `rejected`, with the reason in `reasons`); the server state only ever
-    changes through `KSeedServer.aggregate`, which validates every update again.
+    left out of the round (`failed` or `rejected`, with the reason in `reasons`), and its next syncs start from
+    round 0 (with `sync_from="start"` every node's syncs start there: nodes that share a process, as in the local
+    simulation, skip what their process holds); the server state only ever changes through `KSeedServer.aggregate`,
+    which validates every update again.
+    `bytes_down_full` is what the paper's full syncs (K accumulators each) would have sent instead.
     """
     from flwr.app import ConfigRecord, Message, RecordDict
 
     started = time.perf_counter()
     config = task.federated
+    if chain is None:  # a first round on its own: every node starts at w0
+        if round_index != 0:
+            raise ValueError(f"Round {round_index} needs the run's SyncChain (`chain=`): it knows what nodes hold.")
+        chain = SyncChain(server.num_seeds)
+    if len(chain.starts) == round_index:
+        chain.open_round(round_index, server.accumulators)
     selected = server.select_clients(round_index)
-    record = {
-        "round": round_index,
-        "clients": selected,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "flower_bytes_up": 0,
-        "flower_bytes_down": 0,
-    }
-    reasons: dict[int, str] = {}
+    bytes_down = bytes_down_full = flower_down = 0
+    failed: dict[int, str] = {}
+    rejected: dict[int, str] = {}  # a reply with a payload that did not decode as this round's update
     messages, client_of_node = [], {}
     for slot, client_id in enumerate(selected):
         node_id = nodes.get(client_id)
         if node_id is None:
-            reasons[client_id] = "no SuperNode holds this partition"
+            failed[client_id] = "no SuperNode holds this partition"
             continue
-        schedule = None
-        if config.pro:
-            schedule = pro_seed_schedule(server, server.seed, round_index, client_id, config.local_steps)
-        sync = SyncMessage.build(
-            server_round=round_index, accumulators=server.accumulators, encoding="full", seed_schedule=schedule
+        schedule = seed_schedule(server, config, round_index, client_id) if config.pro else None
+        if sync_from == "start":
+            syncs = chain.since(None, round_index, schedule)
+        else:
+            syncs = chain.for_client(client_id, round_index, schedule)
+        payloads = [sync.encode() for sync in syncs]
+        sync_record = {"payloads": payloads, "client_id": client_id, "step_offset": task.step_offset(round_index, slot)}
+        message = Message(
+            RecordDict({SYNC_RECORD: ConfigRecord(sync_record)}),
+            dst_node_id=node_id,
+            message_type=TRAIN,
+            group_id=str(round_index),
         )
-        payload = sync.encode()
-        content = RecordDict(
-            {
-                SYNC_RECORD: ConfigRecord(
-                    {
-                        "payload": payload,
-                        "client_id": client_id,
-                        "step_offset": task.step_offset(round_index, slot),
-                    }
-                )
-            }
-        )
-        message = Message(content, dst_node_id=node_id, message_type=TRAIN, group_id=str(round_index))
         messages.append(message)
         client_of_node[node_id] = client_id
-        record["bytes_down"] += len(payload)
-        record["flower_bytes_down"] += message_wire_bytes(message) or 0
+        bytes_down += sum(len(payload) for payload in payloads)
+        full = SyncMessage.build(server_round=round_index, accumulators=server.accumulators, seed_schedule=schedule)
+        bytes_down_full += len(full.encode())
+        flower_down += message_wire_bytes(message) or 0
 
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
     updates: dict[int, ClientUpdate] = {}
     losses: dict[int, list[float]] = {}
-    rejected_on_receipt: set[int] = set()
+    bytes_up = flower_up = 0
     for reply in replies:
         client_id = client_of_node.get(reply.metadata.src_node_id)
-        if client_id is None or client_id in updates or client_id in rejected_on_receipt:
+        if client_id is None or client_id in updates or client_id in failed or client_id in rejected:
             continue  # not a node of this round, or a second reply: ignored
-        record["flower_bytes_up"] += message_wire_bytes(reply) or 0
+        flower_up += message_wire_bytes(reply) or 0
         update, size, step_losses, reason = read_update(
             reply, client_id=client_id, round_index=round_index, num_seeds=server.num_seeds
         )
-        record["bytes_up"] += size
+        bytes_up += size
         if update is None:
-            reasons[client_id] = reason
-            if size:
-                rejected_on_receipt.add(client_id)
+            (rejected if size else failed)[client_id] = reason
             continue
         updates[client_id] = update
         losses[client_id] = step_losses
     for client_id in selected:
-        if client_id not in updates and client_id not in reasons:
-            reasons[client_id] = f"no reply within round_timeout={timeout}s"
+        if client_id not in updates and client_id not in failed and client_id not in rejected:
+            failed[client_id] = f"no reply within round_timeout={timeout}s"
+    for client_id in selected:  # a node that answered holds this round's model; the others' state is unknown
+        if client_id in updates:
+            chain.mark_synced(client_id, round_index)
+        else:
+            chain.forget(client_id)
 
     # The server holds the partition (it built it from the recipe, as every node did), so it weighs each client by
     # the size it knows, never by the `num_samples` a client claims.
     sample_counts = {client_id: len(task.partition.clients[client_id]) for client_id in selected}
     result = server.aggregate(round_index, list(updates.values()), sample_counts=sample_counts)
-    reasons.update(result.rejected)
-    rejected = sorted(rejected_on_receipt | set(result.rejected))
-    all_losses = [loss for client_id in selected for loss in losses.get(client_id, [])]  # slot order, as emulated
-    record.update(
-        accepted=result.accepted,
-        failed=sorted(set(reasons) - set(rejected)),
-        rejected=rejected,
-        reasons={str(client_id): reasons[client_id] for client_id in sorted(reasons)},
-        weighting=result.weighting,
-        clipped={str(client_id): factor for client_id, factor in sorted(result.clipped.items())},
-        train_loss=sum(all_losses) / max(len(all_losses), 1),
-        bytes_per_client=(record["bytes_up"] + record["bytes_down"]) / len(selected),
-        seeds_touched=result.seeds_touched,
+    record = round_record(
+        round_index,
+        selected,
+        result,
+        losses=[loss for client_id in selected for loss in losses.get(client_id, [])],  # slot order, as emulated
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        failed=failed,
         seconds=time.perf_counter() - started,
+        rejected=rejected,
     )
-    for client_id, reason in sorted(reasons.items()):
+    record.update(bytes_down_full=bytes_down_full, flower_bytes_down=flower_down, flower_bytes_up=flower_up)
+    for client_id, reason in sorted({**failed, **rejected, **result.rejected}.items()):
         logger.warning("Round %d: client %d left out: %s", round_index, client_id, reason)
     return record
 
@@ -262,14 +256,22 @@ def run_server(grid, context, settings: FlowerConfig | None = None, run: FlowerR
         raise RuntimeError("No SuperNode answered the registration query; start them with a `partition-id`.")
     logger.info("FedKSeed over Flower: %d of %d clients have a node", len(run.nodes), task.partition.num_clients)
     output_dir = Path(task.training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rounds_path = output_dir / "rounds.jsonl"
-    rounds_path.write_text("")
+    log = RoundLog(output_dir / "rounds.jsonl")
+    log.restore()
+    chain = SyncChain(server.num_seeds)
     for round_index in range(task.federated.rounds):
-        entry = run_round(grid, task, server, run.nodes, round_index, timeout=settings.round_timeout)
+        entry = run_round(
+            grid,
+            task,
+            server,
+            run.nodes,
+            round_index,
+            timeout=settings.round_timeout,
+            chain=chain,
+            sync_from=settings.sync_from,
+        )
         run.history.append(entry)
-        with rounds_path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        log.append(entry)
         logger.info(
             "round %d/%d  loss %.4f  bytes/client %.0f (Flower messages: %d down, %d up)  %.1fs",
             round_index + 1,
@@ -280,9 +282,10 @@ def run_server(grid, context, settings: FlowerConfig | None = None, run: FlowerR
             entry["flower_bytes_up"],
             entry["seconds"],
         )
-    run.final_sync = SyncMessage.build(
-        server_round=task.federated.rounds, accumulators=server.accumulators, encoding="full"
-    )
+    rounds = task.federated.rounds
+    run.final_sync = SyncMessage.build(server_round=rounds, accumulators=server.accumulators, encoding="full")
+    chain.open_round(rounds, server.accumulators)
+    run.final_syncs = chain.since(None, rounds)
     from safetensors.torch import save_file
 
     save_file(

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 
 USAGE_ERROR = 2
 
@@ -40,6 +41,9 @@ def simulate(settings, *, verbose: bool = False):
     from .client_app import make_client_app
     from .server_app import FlowerRun, make_server_app
 
+    # Ray runs the ClientApps of many SuperNodes in one process, which shares one model between them: every node's
+    # syncs start at round 0 and each process applies the rounds its model lacks.
+    settings = replace(settings, sync_from="start")
     task = load_task(settings.recipe, settings.overrides, with_model=False)
     num_supernodes = settings.num_supernodes or task.partition.num_clients
     run = FlowerRun()

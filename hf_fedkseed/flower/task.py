@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
-from ..callback import FederatedConfig, build_partition, client_step_rows
 from ..federated.client import KSeedClient
+from ..federated.config import FederatedConfig
 from ..federated.protocol import SyncMessage, UpdateMessage
+from ..federated.rounds import make_server
+from ..federated.schedule import RoundSchedule, build_partition, client_seed_schedule
 from ..federated.server import KSeedServer
+from ..trainer_rounds import ClientRowStream
 
 FLOWER_EXTRA = 'pip install "hf-fedkseed[flower]"'
 # The message types of the app: registration ("query": which partition a node holds) and one round ("train").
@@ -59,6 +64,14 @@ class FlowerConfig:
         default=None, metadata={"help": "Simulated SuperNodes (default: one per client of the partition)."}
     )
     client_num_cpus: float = field(default=1.0, metadata={"help": "CPU cores Ray gives each simulated ClientApp."})
+    sync_from: str = field(
+        default="node",
+        metadata={
+            "help": "Where a node's syncs start: `node` (its last sync: each SuperNode keeps its own model between "
+            "rounds) or `start` (round 0: nodes share processes, as in the local simulation, and each process "
+            "applies the rounds it lacks)."
+        },
+    )
 
     def __post_init__(self):
         if not isinstance(self.recipe, str) or not self.recipe:
@@ -71,6 +84,8 @@ class FlowerConfig:
             raise ValueError(f"Invalid `num_supernodes`: {self.num_supernodes!r}; it must be a positive integer.")
         if not isinstance(self.client_num_cpus, (int, float)) or not self.client_num_cpus > 0:
             raise ValueError(f"Invalid `client_num_cpus`: {self.client_num_cpus!r}; it must be a number > 0.")
+        if self.sync_from not in ("node", "start"):
+            raise ValueError(f"Invalid `sync_from`: {self.sync_from!r}; choose `node` or `start`.")
 
     @property
     def overrides(self) -> list[str]:
@@ -87,15 +102,27 @@ class FlowerConfig:
             raise ValueError(
                 "The Flower run config has no `recipe`; run `flwr run . --run-config \"recipe='recipes/x.yaml'\"`."
             )
-        known = {"recipe", "recipe_overrides", "round_timeout", "num_supernodes", "client_num_cpus"}
+        known = {"recipe", "recipe_overrides", "round_timeout", "num_supernodes", "client_num_cpus", "sync_from"}
         return cls(**{key: value for key, value in run_config.items() if key in known})
+
+
+class _LocalStepRecorder(TrainerCallback):
+    """Records each local step of a client's Trainer run in its `KSeedClient` (as `FederatedCallback` does)."""
+
+    def __init__(self, client, optimizer):
+        self.client, self.optimizer, self.losses = client, optimizer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.losses.append(self.optimizer.last_step["loss"])
+        self.client.record_step(self.optimizer.last_step)
 
 
 class FederatedTask:
     """A recipe loaded for one Flower process: its data, partition and (for a client) model and optimizer.
 
-    The data, partition, model and optimizer are built exactly as `hf-fedkseed train` builds them, so a Flower run
-    and the in-process emulation of the same recipe start from the same `w0`, shards and seed pool.
+    Everything is built by `hf_fedkseed.build` and the round core, as `hf-fedkseed train` builds it, so a Flower run
+    and the in-process emulation of the same recipe start from the same `w0`, shards, seed pool and server; a
+    client's local steps run through the stock `transformers.Trainer` with `KSeedZOOptimizer`, as in the emulation.
 
     Args:
         recipe: path of the YAML recipe.
@@ -113,84 +140,52 @@ class FederatedTask:
     """
 
     def __init__(self, recipe: str | Path, overrides: Sequence[str] = (), *, with_model: bool = True):
+        from ..build import build_data
         from ..configs import parse_recipe
-        from ..data import load_instruction_dataset, tokenize_for_training, training_collator
-        from ..pipeline import load_tokenizer
 
         self.recipe, self.overrides = str(recipe), list(overrides)
         parsed = parse_recipe(recipe, overrides, prog="hf-fedkseed flower")
         self.model_args, self.data_args, self.zo_args, self.federated, self.training_args = parsed
         self.federated: FederatedConfig
-        self.tokenizer = load_tokenizer(self.model_args)
-        data = load_instruction_dataset(
-            self.data_args.dataset_name,
-            self.data_args.dataset_format,
-            eval_fraction=self.data_args.eval_fraction,
-            held_out_categories=self.data_args.held_out_categories,
-            max_samples_per_task=self.data_args.max_samples_per_task,
-            seed=self.training_args.seed,
-        )
-        self.train_rows = tokenize_for_training(
-            data["train"], self.tokenizer, self.data_args.max_length, prompt_format=self.data_args.prompt_format
-        )
+        data = build_data(self.data_args, self.model_args, seed=self.training_args.seed, with_eval=False)
+        self.tokenizer, self.train_rows, self.collator = data.tokenizer, data.train_rows, data.collator
         self.partition = build_partition(self.federated, self.train_rows)
-        self.clients_per_round = KSeedServer.resolve_clients_per_round(
-            self.partition.num_clients, self.federated.clients_per_round, self.federated.client_fraction
-        )
+        self.schedule = RoundSchedule(self.federated, self.partition.num_clients, self.training_args.seed)
+        self.clients_per_round = self.schedule.clients_per_round
         args = self.training_args
-        self.per_device_batch = args.per_device_train_batch_size
         self.per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        self.total_steps = self.federated.rounds * self.clients_per_round * self.federated.local_steps
+        self.total_steps = self.schedule.total_steps
         self.max_steps = args.max_steps if args.max_steps > 0 else self.total_steps
-        self.collator = training_collator(self.tokenizer)
         self.model = self.optimizer = self.client = None
         if with_model:
             self._build_model()
 
     def make_server(self) -> KSeedServer:
-        """The `KSeedServer` of the recipe: the same one `FederatedCallback` builds for `hf-fedkseed train`."""
-        config = self.federated
-        return KSeedServer(
-            self.partition.num_clients,
-            num_seeds=self.zo_args.num_seeds,
-            seed=self.training_args.seed,
-            clients_per_round=self.clients_per_round,
-            aggregation=config.aggregation,
-            pro=config.pro,
-            pro_clip=config.pro_clip,
-            max_abs_scalar=config.max_abs_scalar,
+        """The `KSeedServer` of the recipe: the one `FederatedCallback` builds for `hf-fedkseed train`."""
+        return make_server(
+            self.federated, self.partition.num_clients, num_seeds=self.zo_args.num_seeds, seed=self.training_args.seed
         )
 
     def step_offset(self, round_index: int, slot: int) -> int:
         """The emulation's Trainer step at which the `slot`-th client of `round_index` starts its local steps."""
-        return (round_index * self.clients_per_round + slot) * self.federated.local_steps
+        return self.schedule.step_offset(round_index, slot)
 
     def _build_model(self) -> None:
-        import inspect
-
         from transformers import get_scheduler
 
-        from ..optimizer import KSeedZOOptimizer
-        from ..pipeline import load_model
+        from ..build import build_optimizer, load_model
+        from ..trainer_rounds import model_columns
 
         args = self.training_args
         self.model = load_model(self.model_args, seed=args.seed, vocab_size=len(self.tokenizer))
-        self.optimizer = KSeedZOOptimizer(
-            self.model,
-            lr=args.learning_rate,
-            eps=self.zo_args.zo_eps,
-            num_seeds=self.zo_args.num_seeds,
-            seed=args.seed,
-            engine=self.zo_args.engine,
-            grad_clip=self.zo_args.grad_clip,
-        )
+        self.optimizer = build_optimizer(self.model, self.zo_args, args)
         self.client = KSeedClient(
             self.optimizer.named_params,
             engine=self.optimizer.engine,
             seed_pool=self.optimizer.seed_pool,
             undo=self.federated.undo,
         )
-        # The Trainer's schedule, evaluated at any step: lr(t) = base * lambda(t), as its LambdaLR computes it.
+        # The Trainer's schedule over the whole emulated run, evaluated at any step: lr(t) = base * lambda(t).
         scheduler = get_scheduler(
             args.lr_scheduler_type,
             optimizer=self.optimizer,
@@ -203,46 +198,21 @@ class FederatedTask:
                 f"`lr_scheduler_type={args.lr_scheduler_type!r}` cannot be replayed by step in a Flower client; use a "
                 "step-wise schedule such as constant, linear or cosine."
             )
-        self._base_lr, self._lr_lambda = scheduler.base_lrs[0], scheduler.lr_lambdas[0]
-        signature = inspect.signature(self.model.forward).parameters
-        self.columns = {name for name in signature if name not in ("self", "kwargs")} | {"label", "labels"}
-        # As the Trainer decides whether the model normalises its loss by `num_items_in_batch`.
-        self.accepts_num_items = getattr(
-            self.model, "accepts_loss_kwargs", any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-        )
-        self._sampler_position = 0
+        self._lr_lambda = scheduler.lr_lambdas[0]
+        self.columns = model_columns(self.model) if args.remove_unused_columns else None
 
-    def learning_rate(self, step: int) -> float:
-        """The Trainer's learning rate at (0-based) step `step` of the emulated run."""
-        return self._base_lr * self._lr_lambda(step)
+    def train_client(
+        self, syncs: Sequence[SyncMessage], *, client_id: int, step_offset: int
+    ) -> tuple[UpdateMessage, list[float]]:
+        """One client's part of a round: catch up round by round, run `local_steps` ZO steps, undo them, report.
 
-    def _advance_sampler(self, position: int) -> None:
-        """Put the optimizer's seed sampler where the emulation's is after `position` uniform draws."""
-        from ..zo import SeedSampler
-
-        optimizer = self.optimizer
-        if position < self._sampler_position:  # behind: start the generator over
-            optimizer.sampler = SeedSampler(optimizer.num_seeds, optimizer.seed, optimizer.seed_probabilities)
-            self._sampler_position = 0
-        for _ in range(position - self._sampler_position):
-            optimizer.sampler.sample()
-        self._sampler_position = position
-
-    def batch(self, indices: Sequence[int]) -> dict:
-        """The collated batch of these dataset rows, with the columns the Trainer would keep."""
-        rows = [{k: v for k, v in self.train_rows[int(i)].items() if k in self.columns} for i in indices]
-        return self.collator(rows)
-
-    @torch.no_grad()
-    def train_client(self, sync: SyncMessage, *, client_id: int, step_offset: int) -> tuple[UpdateMessage, list[float]]:
-        """One client's part of a round: catch up to `sync`, run `local_steps` ZO steps, undo them, report.
-
-        The steps replay the emulation's: the same rows (`client_step_rows`), the same micro-batches and
-        `num_items_in_batch` as the Trainer, the seed indices of `sync.seed_schedule` (Pro) or of the optimizer's
-        sampler after `step_offset` draws, and the Trainer's learning rate at steps `step_offset + t`.
+        The local steps run through the stock Trainer and `KSeedZOOptimizer`, as in the emulation: the same rows
+        (`ClientRowStream`), micro-batches and `num_items_in_batch`, the seed indices of the last sync's schedule
+        (Pro) or the uniform draw keyed by (seed, round, client), and the learning rate of the emulation's steps
+        `step_offset + t`.
 
         Args:
-            sync: the decoded `SyncMessage` of the round.
+            syncs: the decoded `SyncMessage`s of the round, applied in order (`SyncChain.for_client`).
             client_id: the partition this node trains on.
             step_offset: the emulated Trainer step of this client's first local step.
 
@@ -251,22 +221,27 @@ class FederatedTask:
 
         Raises:
             RuntimeError: if the task was built without a model.
-            ValueError: for a client id outside the partition, a sync for another K, a seed schedule that is not
-                exactly `local_steps` long, or a `step_offset` outside the run (nothing is topped up or skipped).
+            ValueError: for a client id outside the partition, a sync for another K or a state this client does
+                not hold, a seed schedule that is not exactly `local_steps` long, or a `step_offset` outside the run
+                (nothing is topped up or skipped).
         """
         if self.model is None:
             raise RuntimeError("This FederatedTask was built with `with_model=False`; a client needs the model.")
         if not 0 <= client_id < self.partition.num_clients:
             raise ValueError(f"client_id {client_id} is outside the partition's [0, {self.partition.num_clients}).")
+        if not syncs:
+            raise ValueError("The round carries no SyncMessage; the server sends at least one.")
         # Nothing the server sends is taken on faith either: refuse, with the reason, before any state changes.
-        if sync.num_seeds != self.optimizer.num_seeds:
+        for sync in syncs:
+            if sync.num_seeds != self.optimizer.num_seeds:
+                raise ValueError(
+                    f"The sync is for K={sync.num_seeds} seeds but this client's optimizer has K="
+                    f"{self.optimizer.num_seeds}; server and clients must run the same recipe (`num_seeds`)."
+                )
+        final = syncs[-1]
+        if final.seed_schedule is not None and final.seed_schedule.numel() != self.federated.local_steps:
             raise ValueError(
-                f"The sync is for K={sync.num_seeds} seeds but this client's optimizer has K="
-                f"{self.optimizer.num_seeds}; server and clients must run the same recipe (`num_seeds`)."
-            )
-        if sync.seed_schedule is not None and sync.seed_schedule.numel() != self.federated.local_steps:
-            raise ValueError(
-                f"The sync's seed schedule holds {sync.seed_schedule.numel()} seed indices but a client takes "
+                f"The sync's seed schedule holds {final.seed_schedule.numel()} seed indices but a client takes "
                 f"local_steps={self.federated.local_steps} steps; the server must schedule exactly one per step."
             )
         last_offset = self.total_steps - self.federated.local_steps
@@ -276,44 +251,64 @@ class FederatedTask:
                 f"({self.total_steps} steps in all)."
             )
         config, optimizer, client = self.federated, self.optimizer, self.client
-        rows = self.partition.clients[client_id]
-        order = client_step_rows(config, self.per_step, sync.server_round, client_id, rows)
-        client.catch_up(sync)
+        round_index = final.server_round
+        for sync in syncs:  # rounds this process's model already holds (another node it hosts synced) are skipped
+            if client.synced_round is None or sync.server_round > client.synced_round:
+                client.catch_up(sync)
         optimizer.accumulators = client.synced.clone()
-        if sync.seed_schedule is None:
-            self._advance_sampler(step_offset)
-        optimizer.sampler.set_schedule(sync.seed_schedule)
+        schedule = final.seed_schedule
+        if schedule is None:
+            schedule = client_seed_schedule(
+                self.training_args.seed, round_index, client_id, config.local_steps, optimizer.num_seeds
+            )
+        optimizer.sampler.set_schedule(schedule)
         client.begin_local()
-        losses: list[float] = []
+        recorder = _LocalStepRecorder(client, optimizer)
         try:
-            for step in range(config.local_steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = self.learning_rate(step_offset + step)
-                indices = order[step * self.per_step : (step + 1) * self.per_step]
-                micro = [
-                    self.batch(indices[start : start + self.per_device_batch])
-                    for start in range(0, len(indices), self.per_device_batch)
-                ]
-                extra = {}
-                if self.accepts_num_items and "labels" in micro[0]:  # as the Trainer counts them
-                    extra["num_items_in_batch"] = sum(batch["labels"][..., 1:].ne(-100).sum() for batch in micro)
-                for batch in micro:
-                    optimizer.train()
-                    self.model(**batch, **extra)
-                optimizer.step()
-                if sync.seed_schedule is None:
-                    self._sampler_position += 1
-                client.record_step(optimizer.last_step)
-                losses.append(optimizer.last_step["loss"])
+            self._local_trainer(round_index, client_id, step_offset, recorder).train()
             update = client.build_update(
-                server_round=sync.server_round, client_id=client_id, num_samples=len(rows), pro=config.pro
+                server_round=round_index,
+                client_id=client_id,
+                num_samples=len(self.partition.clients[client_id]),
+                pro=config.pro,
             )
         finally:
             optimizer.eval()
-            client.end_local(0.0)
+            client.end_local()
             optimizer.sampler.set_schedule(None)
             optimizer.accumulators = client.synced.clone()
-        return update, losses
+        return update, recorder.losses
+
+    def _local_trainer(self, round_index: int, client_id: int, step_offset: int, recorder: TrainerCallback):
+        """A stock Trainer over this client's rows of the round, at the emulation's learning rates."""
+        from transformers import Trainer
+
+        lr_lambda = self._lr_lambda
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_lambda(step_offset + step))
+        args = replace(
+            self.training_args,
+            max_steps=self.federated.local_steps,
+            output_dir=str(Path(self.training_args.output_dir) / ".flower_client"),
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            resume_from_checkpoint=None,
+        )
+        stream = ClientRowStream(
+            self.train_rows, self.partition, self.federated, [(round_index, client_id)], self.per_step, self.columns
+        )
+        trainer = Trainer(
+            model=self.model,
+            args=args,
+            train_dataset=stream,
+            data_collator=self.collator,
+            optimizers=(self.optimizer, scheduler),
+            callbacks=[recorder],
+        )
+        trainer.remove_callback(PrinterCallback)  # a node logs its round through the server, not a line per call
+        return trainer
 
 
 _TASKS: dict[tuple, FederatedTask] = {}
