@@ -14,7 +14,6 @@ import datasets
 import pytest
 from transformers import AutoTokenizer, ByT5Tokenizer
 
-from hf_fedkseed import data
 from hf_fedkseed.data import (
     COLUMNS,
     PROMPT_FORMATS,
@@ -28,6 +27,7 @@ from hf_fedkseed.data import (
     tokenize_for_training,
     training_collator,
 )
+from hf_fedkseed.data import formats as data  # `data.datasets.load_dataset` is monkeypatched
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EOS = 1  # ByT5: pad 0, eos 1, unk 2, then byte b is id b + 3
