@@ -10,7 +10,9 @@ from .partition import (
     natural_partition,
     partition_dataset,
 )
-from .server import DEFAULT_PRO_CLIP, AggregationResult, ClientUpdate, KSeedServer, SparseVector
+from .pro import DEFAULT_PRO_CLIP
+from .server import KSeedServer
+from .updates import AggregationResult, ClientUpdate, SparseVector
 from .wire import PROTOCOL_VERSION, ProtocolError, seed_index_dtype
 
 __all__ = [

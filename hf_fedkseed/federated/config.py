@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .aggregation import AGGREGATIONS
 from .client import UNDO_MODES
 from .partition import STRATEGIES
-from .server import AGGREGATIONS, DEFAULT_PRO_CLIP
+from .pro import DEFAULT_PRO_CLIP
 
 __all__ = ["METHODS", "FederatedConfig"]
 

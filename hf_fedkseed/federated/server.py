@@ -3,193 +3,65 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from ..perturbation.hashing import MASK64, splitmix64
 from ..zo import make_seed_pool
-from .wire import _as_int64_indices, _first_non_finite, _first_out_of_range
+from .aggregation import (
+    AGGREGATIONS,
+    COUNT_CAP_FACTOR,
+    MIN_CLIENTS_TO_COMPARE,
+    OUTLIER_NORM_FACTOR,
+    OUTLIER_SCALAR_FACTOR,
+    TRIM_FRACTION,
+    WEIGHTINGS,
+    combine,
+    effective_weight,
+    overflowing_client,
+    round_weights,
+    screen,
+)
+from .pro import DEFAULT_PRO_CLIP, DEFAULT_PRO_GRAD_INITIAL, add_pro_statistics, pro_importance, pro_probabilities
+from .updates import (
+    SANITY_MAX_ABS_ACCUMULATOR,
+    SANITY_MAX_ABS_SCALAR,
+    AggregationResult,
+    CheckedUpdate,
+    ClientUpdate,
+    SparseVector,
+    _is_int,
+    _is_real,
+    validate_update,
+)
 
-# How the accepted updates are combined. "samples" and "equal" are the official code's weighted means; the robust
-# choices cost O(K x clients) scalar operations per round, nothing next to one forward pass of the model.
-AGGREGATIONS = ("samples", "equal", "trimmed_mean", "median", "norm_bound")
-# Which weights a round used (`AggregationResult.weighting`): counts the runtime knows (the partition sizes), the
-# clients' claimed counts capped at COUNT_CAP_FACTOR x the round's median claim, or one share each.
-WEIGHTINGS = ("known_counts", "capped", "equal")
-# Scale-free screening needs a majority to compare against: with fewer clients holding a non-zero update, either of
-# two could be the outlier, so only the absolute bounds below apply.
-MIN_CLIENTS_TO_COMPARE = 3
-# A client whose largest |scalar| exceeds this many times the round's median client maximum is rejected. Honest
-# clients share the model, the learning rate and the loss scale, so their maxima agree within a few times even on
-# non-iid shards; 10x leaves room for that and still stops absurd per-step values (including ones that cancel inside
-# one seed and so would not show in the norm below).
-OUTLIER_SCALAR_FACTOR = 10.0
-# Each client's vector of per-seed coefficients is clipped to this many times the round's median client norm. Honest
-# clients draw different seeds, so their vectors are near-orthogonal and an honest round of m clients moves about
-# sqrt(m) N / m (N: the median norm). An attacker clipped to c N, even aligned with the honest sum, moves it at most
-# (sqrt(m - 1) + c) N / m, i.e. (sqrt(m - 1) + c) / sqrt(m) times as far: with c = 2 that is <= 1.97 for every m >= 3
-# (1.79 for m = 5), the "at most 2x an honest round" guarantee. This needs the clipped client to keep its unclipped
-# weight share (the norm bounding of FL: clip each update, then average with the original weights, as in Sun et al.
-# 2019): clipping scales only that client's contribution and never raises the others' shares, so the honest part of
-# the round still moves (m - 1) / m of its unattacked self and the attacker at most c N / m. `norm_bound` aggregation
-# clips at 1x instead.
-OUTLIER_NORM_FACTOR = 2.0
-# Without known counts, a client's claimed sample count is capped at this many times the round's median claim.
-COUNT_CAP_FACTOR = 4.0
-# `trimmed_mean` drops this share of the values of a seed at each end (rounded down: nothing below 5 clients).
-TRIM_FRACTION = 0.2
-# Absolute sanity bounds, for what nothing can be compared with (a round of one or two clients). An honest |lr * g| is
-# around 1e-7 .. 1e-2; 1e3 per step is absurd for any model yet keeps `w0 - sum_j A_j z_j` far inside float32 and
-# bfloat16 range, as does an accumulator bound of 1e6 (every |A_j| <= 1e6, z ~ N(0, 1)).
-SANITY_MAX_ABS_SCALAR = 1e3
-SANITY_MAX_ABS_ACCUMULATOR = 1e6
-# The official FedKSeed code's `--bias_loss_clip` default: |g| beyond it counts as this much in Pro importance.
-DEFAULT_PRO_CLIP = 1000.0
-# The official code's `--grad_initial` default: every seed's gradient history starts with this one entry.
-DEFAULT_PRO_GRAD_INITIAL = 0.0
-# The official code's min-max normalisation adds this to the denominator so equal importances do not divide by 0.
-_MIN_MAX_EPS = 1e-10
+# The update types, the aggregation rules and the Pro statistics live in `.updates`, `.aggregation` and `.pro`; their
+# public names are re-exported here, where they were defined before, so `from .server import ...` keeps working.
+__all__ = [
+    "AGGREGATIONS",
+    "COUNT_CAP_FACTOR",
+    "DEFAULT_PRO_CLIP",
+    "DEFAULT_PRO_GRAD_INITIAL",
+    "MIN_CLIENTS_TO_COMPARE",
+    "OUTLIER_NORM_FACTOR",
+    "OUTLIER_SCALAR_FACTOR",
+    "SANITY_MAX_ABS_ACCUMULATOR",
+    "SANITY_MAX_ABS_SCALAR",
+    "TRIM_FRACTION",
+    "WEIGHTINGS",
+    "AggregationResult",
+    "ClientUpdate",
+    "KSeedServer",
+    "SparseVector",
+    "pro_probabilities",
+    "select_clients",
+]
+
 # Mixed into the selection generator's seed so it never coincides with the seed sampler's or the pool's stream.
 _SELECTION_SALT = 0xC11E57
 _STATE_VERSION = 1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def pro_probabilities(importance: torch.Tensor) -> torch.Tensor:
-    """The official FedKSeed-Pro seed sampling distribution over per-seed importances (float64, sums to one).
-
-    `softmax((imp - min(imp)) / (max(imp) + 1e-10 - min(imp)))` over all K seeds: uniform when every importance is
-    equal, and at most e times likelier for the most important seed.
-
-    Example:
-        >>> pro_probabilities(torch.tensor([0.0, 1.0], dtype=torch.float64))  # [1 / (1 + e), e / (1 + e)]
-        tensor([0.2689, 0.7311], dtype=torch.float64)
-    """
-    low = importance.min()
-    normalized = (importance - low) / (importance.max() + _MIN_MAX_EPS - low)
-    exps = torch.exp(normalized - normalized.max())
-    probabilities = exps / exps.sum()
-    return probabilities / probabilities.sum()  # the official code renormalises when the sum is not 1.0
-
-
-@dataclass
-class ClientUpdate:
-    """What one client sends back after its local ZO steps of a round.
-
-    Args:
-        client_id: the client's id in `[0, num_clients)`.
-        num_samples: the client's training sample count, the weight of "samples" aggregation.
-        seed_indices: the seed index (into the pool) of each local step.
-        scalars: `lr_t * g_t` of each local step: what the step added to the client's `accumulators[idx_t]`.
-        projected_grads: `g_t` of each local step, the statistic of FedKSeed-Pro; needed when the server has
-            `pro=True`, optional (but checked when given) otherwise.
-        server_round: the round the client answers (an `UpdateMessage`'s header); when set it must be the round
-            being aggregated, so a replayed update of an earlier round is rejected. The runtimes always set it.
-        num_seeds: the K of the client's header; when set it must be the server's K.
-
-    Example:
-        >>> ClientUpdate(client_id=3, num_samples=120, seed_indices=[7, 7, 12], scalars=[1e-6, -2e-6, 5e-7])
-    """
-
-    client_id: int
-    num_samples: int
-    seed_indices: Sequence[int] | torch.Tensor
-    scalars: Sequence[float] | torch.Tensor
-    projected_grads: Sequence[float] | torch.Tensor | None = None
-    server_round: int | None = None
-    num_seeds: int | None = None
-
-
-@dataclass
-class SparseVector:
-    """Some entries of a length-K vector: `dense[indices] = values` (or `+=`, for a delta).
-
-    Args:
-        indices: ascending int64 positions.
-        values: float64 values, one per index.
-
-    Example:
-        >>> sparse = SparseVector(torch.tensor([1, 3]), torch.tensor([0.5, -2.0], dtype=torch.float64))
-        >>> sparse.to_dense(4)
-        tensor([ 0.0000,  0.5000,  0.0000, -2.0000], dtype=torch.float64)
-    """
-
-    indices: torch.Tensor
-    values: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.indices.numel()
-
-    def to_dense(self, size: int) -> torch.Tensor:
-        """The length-`size` float64 vector that holds `values` at `indices` and zero elsewhere."""
-        dense = torch.zeros(size, dtype=torch.float64)
-        dense[self.indices] = self.values
-        return dense
-
-
-@dataclass
-class AggregationResult:
-    """The outcome of `KSeedServer.aggregate` for one round.
-
-    Args:
-        round: the round that was aggregated.
-        accepted: ids of the clients whose updates were added, ascending.
-        rejected: `{client_id: reason}` for every update left out; none of them touched the server state.
-        weights: `{client_id: w_c}` of the accepted clients (they sum to one when any was accepted): each client's
-            share before clipping, `n_c / sum(n)` over the accepted clients (or `1 / m`).
-        seeds_touched: how many distinct seed indices the accepted updates used.
-        delta: the change of the accumulators: `new = old + delta.to_dense(K)`, over the touched seeds.
-        weighting: which weights were used: "known_counts" (counts the runtime passed), "capped" (the clients'
-            claimed counts, capped) or "equal".
-        clipped: `{client_id: factor}` of the accepted clients whose coefficient vector was scaled down by the
-            norm bound (factor < 1).
-        linear: True when `delta = sum_c weights[c] * (the client's per-seed sums)` exactly (a weighted mean without
-            clipping), so a runtime may apply the round as the weighted sum of the clients' weight changes.
-        effective_weights: for the weighted means ("samples", "equal", "norm_bound"), `{client_id: s_c}` with
-            `delta = sum_c s_c * (the client's per-seed sums)` exactly: `s_c = weights[c] * clipped.get(c, 1.0)`, a
-            clipped client keeps its share and only its contribution is scaled. None for the coordinate-wise
-            statistics ("trimmed_mean", "median"), which are not linear in the updates.
-
-    Example:
-        >>> result = server.aggregate(0, updates)
-        >>> result.accepted, result.rejected
-        ([2, 5], {9: 'client 9 was not selected in round 0'})
-    """
-
-    round: int
-    accepted: list[int]
-    rejected: dict[int, str]
-    weights: dict[int, float]
-    seeds_touched: int
-    delta: SparseVector = field(repr=False)
-    weighting: str = "equal"
-    clipped: dict[int, float] = field(default_factory=dict)
-    linear: bool = True
-    effective_weights: dict[int, float] | None = None
-
-
-@dataclass
-class _CheckedUpdate:
-    client_id: int
-    num_samples: int
-    seed_indices: torch.Tensor  # int64
-    scalars: torch.Tensor  # float64
-    projected_grads: torch.Tensor | None  # float64
-
-    def coefficients(self, num_seeds: int) -> torch.Tensor:
-        """The client's per-seed sums of its scalars: what its steps added to each accumulator (float64, K)."""
-        return torch.zeros(num_seeds, dtype=torch.float64).index_add_(0, self.seed_indices, self.scalars)
 
 
 def select_clients(seed: int, round_index: int, num_clients: int, clients_per_round: int) -> list[int]:
@@ -410,7 +282,7 @@ class KSeedServer:
         selected = set(self.select_clients(round))
         ids = Counter(getattr(update, "client_id", None) for update in updates)
         rejected: dict[int, str] = {}
-        valid: list[_CheckedUpdate] = []
+        valid: list[CheckedUpdate] = []
         for update in updates:
             client_id = getattr(update, "client_id", None)
             if ids[client_id] > 1:
@@ -423,16 +295,21 @@ class KSeedServer:
                 valid.append(checked)
         valid.sort(key=lambda checked: checked.client_id)
 
-        valid, scales = self._screen(valid, rejected)
+        valid, scales = screen(valid, rejected, num_seeds=self.num_seeds, aggregation=self.aggregation)
         while True:
-            weights, weighting = self._weights(valid, sample_counts)
-            delta, touched, pro_count, pro_abs_sum = self._combine(valid, weights, scales)
+            weights, weighting = round_weights(valid, sample_counts, self.aggregation)
+            delta, touched = combine(valid, weights, scales, num_seeds=self.num_seeds, aggregation=self.aggregation)
+            pro_count, pro_abs_sum = add_pro_statistics(
+                valid if self.pro else [], self.pro_count, self.pro_abs_sum, pro_clip=self.pro_clip
+            )
             indices = touched.nonzero().flatten()
             # Only the touched entries change (untouched ones stay bit-identical, -0.0 included), in a new tensor so
             # a snapshot the caller took before stays valid.
             accumulators = self.accumulators.clone()
             accumulators[indices] += delta[indices]
-            culprit = self._overflowing_client(valid, weights, scales, accumulators, pro_abs_sum)
+            culprit = overflowing_client(
+                valid, weights, scales, accumulators, pro_abs_sum, num_seeds=self.num_seeds, pro=self.pro
+            )
             if culprit is None:
                 break
             rejected[culprit[0]] = culprit[1]
@@ -444,7 +321,7 @@ class KSeedServer:
         weighted_mean = self.aggregation in ("samples", "equal", "norm_bound")
         effective = None
         if weighted_mean:
-            effective = {client_id: self._effective_weight(weights, scales, client_id) for client_id in weights}
+            effective = {client_id: effective_weight(weights, scales, client_id) for client_id in weights}
         return AggregationResult(
             round=int(round),
             accepted=[checked.client_id for checked in valid],
@@ -457,141 +334,6 @@ class KSeedServer:
             linear=weighted_mean and not clipped,
             effective_weights=effective,
         )
-
-    def _screen(self, valid: list[_CheckedUpdate], rejected: dict[int, str]) -> tuple[list, dict[int, float]]:
-        """Scale-free screening: reject scalar outliers, then clip long coefficient vectors to the round's norm."""
-        scales = {checked.client_id: 1.0 for checked in valid}
-        maxima = {c.client_id: c.scalars.abs().max().item() for c in valid if c.scalars.numel()}
-        nonzero = [value for value in maxima.values() if value > 0]
-        if len(nonzero) >= MIN_CLIENTS_TO_COMPARE:
-            median = torch.tensor(nonzero, dtype=torch.float64).median().item()  # the lower median
-            bound = OUTLIER_SCALAR_FACTOR * median
-            for client_id, value in maxima.items():
-                if value > bound:
-                    rejected[client_id] = (
-                        f"|scalar| {value:.6g} is more than {OUTLIER_SCALAR_FACTOR:g} x the round's median client "
-                        f"maximum {median:.6g}; an outlier"
-                    )
-            valid = [checked for checked in valid if checked.client_id not in rejected]
-        norms = {c.client_id: c.coefficients(self.num_seeds).norm().item() for c in valid}
-        nonzero = [value for value in norms.values() if value > 0]
-        if len(nonzero) >= MIN_CLIENTS_TO_COMPARE:
-            factor = 1.0 if self.aggregation == "norm_bound" else OUTLIER_NORM_FACTOR
-            bound = factor * torch.tensor(nonzero, dtype=torch.float64).median().item()
-            for client_id, value in norms.items():
-                if value > bound:
-                    scales[client_id] = bound / value
-        return valid, scales
-
-    def _weights(
-        self, valid: list[_CheckedUpdate], sample_counts: Mapping[int, int] | None
-    ) -> tuple[dict[int, float], str]:
-        """The normalised weights of the accepted clients and the name of the weighting."""
-        if not valid:
-            return {}, "equal"
-        if self.aggregation not in ("samples", "norm_bound"):
-            raw = {checked.client_id: 1.0 for checked in valid}
-            weighting = "equal"
-        elif sample_counts is not None:
-            raw = {checked.client_id: float(sample_counts[checked.client_id]) for checked in valid}
-            weighting = "known_counts"
-        else:
-            claims = torch.tensor([checked.num_samples for checked in valid], dtype=torch.float64)
-            cap = COUNT_CAP_FACTOR * claims.median().item()
-            raw = {checked.client_id: float(min(checked.num_samples, cap)) for checked in valid}
-            weighting = "capped"
-        total = sum(raw.values())
-        return {client_id: weight / total for client_id, weight in raw.items()}, weighting
-
-    def _combine(self, valid: list[_CheckedUpdate], weights: dict[int, float], scales: dict[int, float]):
-        """The round's accumulator delta, the touched seeds and the new Pro statistics (nothing is stored)."""
-        num_seeds = self.num_seeds
-        delta = torch.zeros(num_seeds, dtype=torch.float64)
-        touched = torch.zeros(num_seeds, dtype=torch.bool)
-        pro_count, pro_abs_sum = self.pro_count.clone(), self.pro_abs_sum.clone()
-        columns = []
-        for checked in valid:  # ascending client id: the float sums do not depend on arrival order
-            local = checked.coefficients(num_seeds)
-            if self.aggregation in ("trimmed_mean", "median"):
-                scale = scales[checked.client_id]
-                columns.append(local * scale if scale != 1.0 else local)
-            else:  # the clipped client keeps its share n_c / sum(n); only its contribution is scaled
-                delta += self._effective_weight(weights, scales, checked.client_id) * local
-            touched[checked.seed_indices] = True
-            if self.pro:
-                pro_count.index_add_(0, checked.seed_indices, torch.ones_like(checked.seed_indices))
-                clipped = checked.projected_grads.clamp(-self.pro_clip, self.pro_clip).abs()
-                pro_abs_sum.index_add_(0, checked.seed_indices, clipped)
-        if columns:
-            delta = self._coordinate_wise(valid, columns, touched)
-        return delta, touched, pro_count, pro_abs_sum
-
-    def _coordinate_wise(self, valid: list[_CheckedUpdate], columns: list[torch.Tensor], touched: torch.Tensor):
-        """Trimmed mean or median, per seed, over the clients that drew that seed, scaled by their share n_j / m.
-
-        A client that did not draw seed j sent no value for it (its 0 is not a measurement), so the statistic runs
-        over the n_j clients that did; the factor n_j / m makes a seed nobody trims move exactly as far as under
-        equal weights. Cost: one sort of an (m, touched seeds) matrix, O(K x m) scalars.
-        """
-        num_seeds, clients = self.num_seeds, len(valid)
-        indices = touched.nonzero().flatten()
-        used = torch.zeros(clients, num_seeds, dtype=torch.bool)
-        for row, checked in enumerate(valid):
-            used[row, checked.seed_indices] = True
-        values = torch.stack(columns)[:, indices]
-        used = used[:, indices]
-        counts = used.sum(0)
-        # Unused entries sort last (+inf), so the first counts[j] rows of column j are its values in order.
-        ordered = torch.where(used, values, torch.inf).sort(0).values
-        ordered = torch.where(torch.arange(clients).unsqueeze(1) < counts, ordered, 0.0)
-        if self.aggregation == "median":
-            low = ordered.gather(0, ((counts - 1) // 2).unsqueeze(0)).squeeze(0)
-            high = ordered.gather(0, (counts // 2).unsqueeze(0)).squeeze(0)
-            statistic = (low + high) / 2
-        else:
-            trim = (counts.to(torch.float64) * TRIM_FRACTION).floor().to(torch.int64)
-            sums = torch.cat([torch.zeros(1, indices.numel(), dtype=torch.float64), ordered.cumsum(0)])
-            kept = counts - 2 * trim
-            statistic = (sums.gather(0, (counts - trim).unsqueeze(0)) - sums.gather(0, trim.unsqueeze(0))).squeeze(0)
-            statistic = statistic / kept
-        delta = torch.zeros(num_seeds, dtype=torch.float64)
-        delta[indices] = statistic * counts / clients
-        return delta
-
-    @staticmethod
-    def _effective_weight(weights: dict[int, float], scales: dict[int, float], client_id: int) -> float:
-        """`s_c = w_c * clip factor`: the weight of a client's per-seed sums in a weighted-mean round."""
-        scale = scales[client_id]
-        return weights[client_id] * scale if scale != 1.0 else weights[client_id]
-
-    def _overflowing_client(self, valid, weights, scales, accumulators, pro_abs_sum) -> tuple[int, str] | None:
-        """The client to leave out when the combined round breaks the accumulators or the Pro sums, with why."""
-        bad = ~torch.isfinite(accumulators) | (accumulators.abs() > SANITY_MAX_ABS_ACCUMULATOR)
-        if bad.any():
-            worst, culprit = -1.0, None
-            for checked in valid:
-                share = self._effective_weight(weights, scales, checked.client_id) * checked.coefficients(
-                    self.num_seeds
-                )
-                size = torch.nan_to_num(share[bad].abs(), nan=math.inf).max().item()
-                if size > worst:
-                    worst, culprit = size, checked.client_id
-            index = int(bad.nonzero()[0])
-            return culprit, (
-                f"the update would take accumulator {index} to {accumulators[index].item():.6g}, beyond "
-                f"SANITY_MAX_ABS_ACCUMULATOR={SANITY_MAX_ABS_ACCUMULATOR:g} (or not finite)"
-            )
-        bad = ~torch.isfinite(pro_abs_sum)
-        if self.pro and bad.any():
-            worst, culprit = -1.0, None
-            for checked in valid:
-                mask = bad[checked.seed_indices]
-                if mask.any():
-                    size = checked.projected_grads[mask].abs().max().item()
-                    if size > worst:
-                        worst, culprit = size, checked.client_id
-            return culprit, "the update's projected gradients would take a Pro statistic to inf"
-        return None
 
     def client_weight(self, num_samples: int) -> float:
         """A client's aggregation weight before normalisation: its sample count ("samples", "norm_bound") or 1.
@@ -608,59 +350,17 @@ class KSeedServer:
         checked = self._check_update(update, round, set(self.select_clients(round)))
         return checked if isinstance(checked, str) else None
 
-    def _check_update(self, update: ClientUpdate, round: int, selected: set[int]) -> _CheckedUpdate | str:
-        """The update in checked tensor form, or the reason it is rejected."""
-        client_id = getattr(update, "client_id", None)
-        if not _is_int(client_id) or int(client_id) not in selected:
-            return f"client {client_id!r} was not selected in round {round}"
-        client_id = int(client_id)
-        claimed_round = getattr(update, "server_round", None)
-        if claimed_round is not None and (not _is_int(claimed_round) or claimed_round != round):
-            return f"the update answers round {claimed_round!r}, not round {round}; a replayed or late update"
-        claimed_seeds = getattr(update, "num_seeds", None)
-        if claimed_seeds is not None and (not _is_int(claimed_seeds) or claimed_seeds != self.num_seeds):
-            return f"the update is for K={claimed_seeds!r} seeds but the server has K={self.num_seeds}"
-        num_samples = getattr(update, "num_samples", None)
-        least = 1 if self.aggregation in ("samples", "norm_bound") else 0
-        if not _is_int(num_samples) or num_samples < least:
-            return f"`num_samples` is {num_samples!r}; {self.aggregation!r} weighting needs an integer >= {least}"
-        try:
-            seed_indices = torch.as_tensor(update.seed_indices).detach().cpu()
-            scalars = torch.as_tensor(update.scalars, dtype=torch.float64).detach().cpu().clone()
-            grads = update.projected_grads
-            if grads is not None:
-                grads = torch.as_tensor(grads, dtype=torch.float64).detach().cpu().clone()
-        except (AttributeError, TypeError, ValueError, RuntimeError) as error:
-            return f"the per-step values could not be read as numbers: {error}"
-        indices = _as_int64_indices(seed_indices)
-        if indices is None:
-            return f"`seed_indices` must be integers, got dtype {seed_indices.dtype}"
-        seed_indices = indices
-        if grads is None and self.pro:
-            return "`projected_grads` is missing; FedKSeed-Pro (`pro=True`) needs the g of every step"
-        if seed_indices.ndim != 1 or scalars.ndim != 1 or (grads is not None and grads.ndim != 1):
-            return "`seed_indices`, `scalars` and `projected_grads` must be flat lists, one entry per step"
-        steps = seed_indices.numel()
-        if scalars.numel() != steps or (grads is not None and grads.numel() != steps):
-            sizes = f"{steps} seed indices, {scalars.numel()} scalars"
-            if grads is not None:
-                sizes += f", {grads.numel()} projected grads"
-            return f"length mismatch: {sizes}; every step needs one of each"
-        position = _first_out_of_range(seed_indices, self.num_seeds)
-        if position is not None:
-            return f"seed index {seed_indices[position].item()} is outside [0, {self.num_seeds})"
-        if _first_non_finite(scalars) is not None:
-            return "a scalar (lr * g) is not finite"
-        if grads is not None and _first_non_finite(grads) is not None:
-            return "a projected gradient g is not finite"
-        if self.max_abs_scalar is not None and steps and scalars.abs().max().item() > self.max_abs_scalar:
-            return f"|scalar| {scalars.abs().max().item():.6g} exceeds `max_abs_scalar`={self.max_abs_scalar:.6g}"
-        if steps and scalars.abs().max().item() > SANITY_MAX_ABS_SCALAR:
-            return (
-                f"|scalar| {scalars.abs().max().item():.6g} exceeds the sanity bound SANITY_MAX_ABS_SCALAR="
-                f"{SANITY_MAX_ABS_SCALAR:g}; no honest lr * g comes near it"
-            )
-        return _CheckedUpdate(client_id, int(num_samples), seed_indices, scalars, grads)
+    def _check_update(self, update: ClientUpdate, round: int, selected: set[int]) -> CheckedUpdate | str:
+        """The update in checked tensor form, or the reason it is rejected (`validate_update` with this server's K)."""
+        return validate_update(
+            update,
+            round,
+            selected,
+            num_seeds=self.num_seeds,
+            aggregation=self.aggregation,
+            pro=self.pro,
+            max_abs_scalar=self.max_abs_scalar,
+        )
 
     # ------------------------------------------------------------------ FedKSeed-Pro
     def importance(self) -> torch.Tensor:
@@ -669,10 +369,9 @@ class KSeedServer:
         With `pro_grad_initial` set (the default, 0.0), that history starts with `pro_grad_initial`, as in the
         official code; a seed never seen has importance `|clip(pro_grad_initial)|`, or 0 with None.
         """
-        if self.pro_grad_initial is None:
-            return torch.where(self.pro_count > 0, self.pro_abs_sum / self.pro_count.clamp(min=1), 0.0)
-        initial = min(abs(self.pro_grad_initial), self.pro_clip)
-        return (self.pro_abs_sum + initial) / (self.pro_count + 1)
+        return pro_importance(
+            self.pro_count, self.pro_abs_sum, pro_clip=self.pro_clip, pro_grad_initial=self.pro_grad_initial
+        )
 
     def probabilities(self) -> torch.Tensor:
         """The seed sampling distribution for the clients' `SeedSampler` (float64, sums to one).
