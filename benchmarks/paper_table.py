@@ -44,8 +44,10 @@ DATASETS = {
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     # answers are 1-3 words (<= 6 SmolLM2 tokens, <= 12 bytes); longer generations only cost time
     "quickstart": dict(max_new_tokens=12, max_samples_per_task=None),
-    # the answer is one letter; the untuned base says "The correct answer is (C) ...", which 8 tokens still cover
-    "ni-mmlu": dict(max_new_tokens=8, max_samples_per_task=64),
+    # the answer is one letter; the untuned base says "The correct answer is (C) ...", which 8 tokens still cover.
+    # 32 held-out rows (8 per unseen subject): MMLU prompts are 4x longer than the synthetic tasks', and 32 rows keep
+    # both task sets' full profile within 60 minutes on 2 cores
+    "ni-mmlu": dict(max_new_tokens=8, max_samples_per_task=64, eval_samples=32),
 }
 DEFAULT_DATASET = dict(max_new_tokens=32, max_samples_per_task=64)  # the cap keeps tokenization of big tasks short
 
@@ -165,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.profile = "quick" if args.quick else "medium" if args.medium else "full"
     profile = BASES[args.base]["profiles"][args.profile]
+    args.eval_samples_given = args.eval_samples is not None
     for key in ("rounds", "local_steps", "eval_samples", "seeds", "ablation_k"):
         if getattr(args, key) is None:
             setattr(args, key, profile[key])
@@ -191,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dataset_settings(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(DATASET_SETTINGS.get(path.name, DEFAULT_DATASET))
+    if getattr(args, "eval_samples_given", True) or "eval_samples" not in settings:
+        settings["eval_samples"] = args.eval_samples
+    else:  # a task set's own row count, never more than the profile's
+        settings["eval_samples"] = min(settings["eval_samples"], args.eval_samples)
     if args.max_new_tokens_cap is not None:
         settings["max_new_tokens"] = min(settings["max_new_tokens"], args.max_new_tokens_cap)
     return settings
@@ -330,7 +337,7 @@ def build_specs(args: argparse.Namespace, dataset: Path, base_overrides: list[st
         "--dataset_name", str(dataset), "--dataset_format", "natural_instructions",
         "--partition", "natural", "--partition_column", "category", "--clients_per_round", str(CLIENTS_PER_ROUND),
         "--rounds", str(args.rounds), "--local_steps", str(args.local_steps),
-        "--max_eval_samples", str(args.eval_samples), "--max_new_tokens", str(settings["max_new_tokens"]),
+        "--max_eval_samples", str(settings["eval_samples"]), "--max_new_tokens", str(settings["max_new_tokens"]),
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
         "--lr_scheduler_type", "constant",  # no decay: a short run, and every method gets the same schedule
         "--logging_steps", "100000", "--disable_tqdm", "true", "--save_strategy", "no", "--report_to", "none",
@@ -369,13 +376,13 @@ def build_specs(args: argparse.Namespace, dataset: Path, base_overrides: list[st
     return specs
 
 
-def estimate_seconds(specs: list[dict[str, Any]], args: argparse.Namespace) -> float:
+def estimate_seconds(specs: list[dict[str, Any]], args: argparse.Namespace, *, eval_samples: int) -> float:
     """The planned runs' length on 2 idle cores, from the per-step figures in SECONDS (SmolLM2 scale)."""
     total = 0.0
     steps = args.rounds * CLIENTS_PER_ROUND * args.local_steps
     for spec in {spec["result_path"]: spec for spec in specs}.values():  # a reused run counts once
         method = spec["method"]
-        seconds = SECONDS["run_overhead"] + 2 * args.eval_samples * SECONDS["eval_row"]
+        seconds = SECONDS["run_overhead"] + 2 * eval_samples * SECONDS["eval_row"]
         if method in ("fedit", "fedit_4bit"):
             seconds += steps * SECONDS["backprop_step"]
         elif method == "fedavg":
@@ -662,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     plans = [(dataset, build_specs(args, dataset, base_overrides)) for dataset in args.datasets]
     total_runs = sum(len({spec["result_path"] for spec in specs}) for _, specs in plans)
     if args.base == "smollm2":
-        estimate = sum(estimate_seconds(specs, args) for _, specs in plans)
+        estimate = sum(
+            estimate_seconds(specs, args, eval_samples=dataset_settings(dataset, args)["eval_samples"])
+            for dataset, specs in plans
+        )
         print(f"{total_runs} runs planned; about {estimate / 60:.0f} min on 2 idle CPU cores", flush=True)
     base_label = {
         "smollm2": "SmolLM2-135M-Instruct (float32, chat template)",
@@ -703,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "local_steps": args.local_steps,
             "clients_per_round": CLIENTS_PER_ROUND,
-            "eval_samples": args.eval_samples,
+            "eval_samples": dataset_settings(dataset, args)["eval_samples"],
             "max_new_tokens": dataset_settings(dataset, args)["max_new_tokens"],
             "seeds": args.seeds,
             "learning_rates": BASES[args.base]["learning_rates"],

@@ -7,101 +7,70 @@ from typing import TYPE_CHECKING
 
 from .version import __version__ as __version__  # re-exported: `hf_fedkseed.__version__`
 
-# Public names and the module that defines each. They are imported on first use, so `import hf_fedkseed` (and the
-# `hf-fedkseed --help` console script) stays fast: torch and transformers load only when something needs them;
-# the Flower names need the `flower` extra.
+# The public API: each name and the module that defines it, in one list (`__all__` is its keys). The names are
+# imported on first use, so `import hf_fedkseed` (and the `hf-fedkseed --help` console script) stays fast: torch and
+# transformers load only when something needs them; the Flower names need the `flower` extra.
 _EXPORTS = {
+    # training inside the stock transformers.Trainer
     "KSeedZOOptimizer": ".optimizer",
     "FederatedCallback": ".callback",
     "FederatedConfig": ".federated.config",
     "METHODS": ".federated.config",
+    "KSeedArtifactsCallback": ".artifacts",
+    # the federated round core, for custom runtimes
+    "KSeedServer": ".federated.server",
+    "KSeedClient": ".federated.client",
+    "ClientUpdate": ".federated.server",
+    "SyncMessage": ".federated.messages",
+    "UpdateMessage": ".federated.messages",
+    "ProtocolError": ".federated.wire",
+    # perturbation engines, by name or class
     "DEFAULT_ENGINE": ".perturbation",
     "ENGINES": ".perturbation",
-    "ChunkedGeneratorEngine": ".perturbation",
-    "CounterEngine": ".perturbation",
-    "PerturbationEngine": ".perturbation",
-    "RademacherCounterEngine": ".perturbation",
-    "SequentialGeneratorEngine": ".perturbation",
     "get_engine": ".perturbation",
-    "SeedSampler": ".zo",
-    "make_seed_pool": ".zo",
+    "PerturbationEngine": ".perturbation",
+    "CounterEngine": ".perturbation",
+    "RademacherCounterEngine": ".perturbation",
+    "ChunkedGeneratorEngine": ".perturbation",
+    "SequentialGeneratorEngine": ".perturbation",
+    # the kilobyte delta and the Hub
     "KSeedDelta": ".delta",
     "apply_kseed": ".delta",
     "base_weights_sha256": ".delta",
     "load_kseed_delta": ".delta",
     "save_kseed_delta": ".delta",
-    "KSeedArtifactsCallback": ".artifacts",
-    "run_summary": ".artifacts",
     "push_output_dir": ".hub",
-    "render_model_card": ".model_card",
-    "write_model_card": ".model_card",
-    "FederatedTask": ".flower.task",
+    # the Flower runtime (extra `flower`)
     "FlowerConfig": ".flower.task",
-    "simulate": ".flower.simulation",
     "FlowerRun": ".flower.server_app",
+    "simulate": ".flower.simulation",
     "make_server_app": ".flower.server_app",
     "make_client_app": ".flower.client_app",
+    # the baselines and the pretraining of the tiny base
+    "BASELINE_METHODS": ".baselines",
     "FedAvgCallback": ".baselines",
     "FreshSeedZOOptimizer": ".baselines",
-    "SeedStepsMessage": ".baselines",
-    "prepare_baseline": ".baselines",
-    "BASELINE_METHODS": ".baselines",
-    "pretrain_base": ".pretrain",
     "PretrainConfig": ".pretrain",
+    "pretrain_base": ".pretrain",
 }
 
-__all__ = [
-    "BASELINE_METHODS",
-    "DEFAULT_ENGINE",
-    "ENGINES",
-    "METHODS",
-    "ChunkedGeneratorEngine",
-    "CounterEngine",
-    "FedAvgCallback",
-    "FederatedCallback",
-    "FederatedConfig",
-    "FederatedTask",
-    "FlowerConfig",
-    "FlowerRun",
-    "FreshSeedZOOptimizer",
-    "KSeedArtifactsCallback",
-    "KSeedDelta",
-    "KSeedZOOptimizer",
-    "PerturbationEngine",
-    "PretrainConfig",
-    "RademacherCounterEngine",
-    "SeedSampler",
-    "SeedStepsMessage",
-    "SequentialGeneratorEngine",
-    "apply_kseed",
-    "base_weights_sha256",
-    "get_engine",
-    "load_kseed_delta",
-    "make_client_app",
-    "make_seed_pool",
-    "make_server_app",
-    "prepare_baseline",
-    "pretrain_base",
-    "push_output_dir",
-    "render_model_card",
-    "run_summary",
-    "save_kseed_delta",
-    "simulate",
-    "write_model_card",
-]
+__all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .artifacts import KSeedArtifactsCallback, run_summary
-    from .baselines import BASELINE_METHODS, FedAvgCallback, FreshSeedZOOptimizer, SeedStepsMessage, prepare_baseline
+    from .artifacts import KSeedArtifactsCallback
+    from .baselines import BASELINE_METHODS, FedAvgCallback, FreshSeedZOOptimizer
     from .callback import FederatedCallback
     from .delta import KSeedDelta, apply_kseed, base_weights_sha256, load_kseed_delta, save_kseed_delta
+    from .federated.client import KSeedClient
     from .federated.config import METHODS, FederatedConfig
+    from .federated.messages import SyncMessage, UpdateMessage
+    from .federated.server import ClientUpdate, KSeedServer
+    from .federated.wire import ProtocolError
     from .flower.client_app import make_client_app
     from .flower.server_app import FlowerRun, make_server_app
     from .flower.simulation import simulate
-    from .flower.task import FederatedTask, FlowerConfig
+    from .flower.task import FlowerConfig
     from .hub import push_output_dir
-    from .model_card import render_model_card, write_model_card
     from .optimizer import KSeedZOOptimizer
     from .perturbation import (
         DEFAULT_ENGINE,
@@ -114,7 +83,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         get_engine,
     )
     from .pretrain import PretrainConfig, pretrain_base
-    from .zo import SeedSampler, make_seed_pool
 
 
 def __getattr__(name: str):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["RecipeData", "build_data", "build_optimizer", "cap_rows", "load_data", "load_model", "load_tokenizer"]
+__all__ = [
+    "RecipeData",
+    "build_data",
+    "build_optimizer",
+    "cap_rows",
+    "load_data",
+    "load_model",
+    "load_tokenizer",
+    "zo_optimizer_kwargs",
+]
 
 
 def cap_rows(dataset, limit: int | None, seed: int):
@@ -92,20 +101,19 @@ def build_data(data_args, model_args, *, seed: int, with_eval: bool = True, toke
     return RecipeData(tokenizer, train_rows, eval_rows, loss_rows, training_collator(tokenizer))
 
 
-def build_optimizer(model, zo_args, training_args, *, fresh_seeds_for_steps: int | None = None):
-    """The recipe's zeroth-order optimizer over `model`: `KSeedZOOptimizer`, or FedZO's `FreshSeedZOOptimizer`
-    (a fresh seed for each of `fresh_seeds_for_steps` steps)."""
-    kwargs = dict(
+def zo_optimizer_kwargs(zo_args, training_args) -> dict:
+    """The keyword arguments every zeroth-order optimizer of a recipe takes: lr, eps, seed, engine, clip."""
+    return dict(
         lr=training_args.learning_rate,
         eps=zo_args.zo_eps,
         seed=training_args.seed,
         engine=zo_args.engine,
         grad_clip=zo_args.grad_clip,
     )
-    if fresh_seeds_for_steps is not None:
-        from .baselines.fedzo import FreshSeedZOOptimizer
 
-        return FreshSeedZOOptimizer(model, max_steps=fresh_seeds_for_steps, **kwargs)
+
+def build_optimizer(model, zo_args, training_args):
+    """The recipe's `KSeedZOOptimizer` over `model` (FedZO's optimizer takes `zo_optimizer_kwargs` the same way)."""
     from .optimizer import KSeedZOOptimizer
 
-    return KSeedZOOptimizer(model, num_seeds=zo_args.num_seeds, **kwargs)
+    return KSeedZOOptimizer(model, num_seeds=zo_args.num_seeds, **zo_optimizer_kwargs(zo_args, training_args))

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
             "out). The token comes from HF_TOKEN or `hf auth login`.",
         )
     )
-    from .flower.simulation import add_flower_arguments
+    from .flower_run import add_flower_arguments
 
     add_flower_arguments(
         commands.add_parser(
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(args.recipe, rest)
     if args.command == "flower":
-        from .flower.simulation import run_flower
+        from .flower_run import run_flower
 
         return run_flower(args, rest)
     if rest:

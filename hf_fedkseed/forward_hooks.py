@@ -182,7 +182,7 @@ class ZOForwardHooks:
         self._grad_context = torch.no_grad()
         self._grad_context.__enter__()
         try:
-            self.optimizer._begin_forward_pair()
+            self.optimizer.begin_pair()
         except BaseException:
             self._leave_contexts()
             self._active = False
@@ -201,7 +201,7 @@ class ZOForwardHooks:
         self._active = False
         if sys.exc_info()[0] is not None:  # the first forward raised: restore w, let the error through
             self._leave_contexts()
-            self.optimizer._abort_pending()
+            self.optimizer.abort_pair()
             return None
         try:
             loss_plus = extract_loss(output).detach()
@@ -212,10 +212,10 @@ class ZOForwardHooks:
                 loss_minus = extract_loss(module(*args, **kwargs)).detach()
             finally:
                 self._in_second_forward = False
-            self.optimizer._record_pair(loss_plus, loss_minus, scaled=self._scaled)
+            self.optimizer.record_pair(loss_plus, loss_minus, scaled=self._scaled)
         except BaseException:
             self._leave_contexts()
-            self.optimizer._abort_pending()
+            self.optimizer.abort_pair()
             raise
         self._leave_contexts()
         loss = 0.5 * (loss_plus + loss_minus)

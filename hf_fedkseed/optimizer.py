@@ -238,14 +238,14 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("A hooked step is half evaluated; call `step()` without a closure to finish it.")
             try:
                 with eval_mode(self.module):
-                    self._begin_forward_pair()
+                    self.begin_pair()
                     loss_plus = closure()
-                    self._move_to(-1)
+                    self.to_minus()
                     loss_minus = closure()
             except BaseException:
-                self._abort_pending()
+                self.abort_pair()
                 raise
-            self._record_pair(loss_plus, loss_minus, scaled=False)
+            self.record_pair(loss_plus, loss_minus, scaled=False)
         if self._pending is None or not self._pending.loss_diffs:
             raise RuntimeError(
                 "KSeedZOOptimizer.step() found no zeroth-order forward to use. Either pass a closure, "
@@ -254,8 +254,11 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             )
         return self._finish_step()
 
-    # ------------------------------------------------------------------ step internals (used by the hooks)
-    def _begin_forward_pair(self) -> None:
+    # ------------------------------------------------------------------ pair evaluation (the forward hooks use it)
+    # One ZO step evaluates the loss at `w + eps z` and `w - eps z` for each micro-batch: `begin_pair()` (the
+    # weights go to `w + eps z`), a forward, `to_minus()`, a forward, `record_pair(L+, L-)`; then `step()` restores
+    # `w` and applies the update in one pass. `abort_pair()` restores `w` and drops the step if a forward raised.
+    def begin_pair(self) -> None:
         """Start (or continue) the pending step and move the weights to `w + eps z`."""
         if self._pending is None:
             index = self.sampler.sample()
@@ -263,6 +266,10 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
                 seed_index=index, seed=int(self.seed_pool[index]), eps=float(self.param_groups[0]["eps"])
             )
         self._move_to(+1)
+
+    def to_minus(self) -> None:
+        """Move the weights of the pending step to `w - eps z`, for the second forward of the pair."""
+        self._move_to(-1)
 
     def _move_to(self, offset: int) -> None:
         """Shift the weights from `w + self._offset * eps z` to `w + offset * eps z` in one pass."""
@@ -272,13 +279,15 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             self.engine.add_noise_(self.named_params, pending.seed, delta * pending.eps)
             self._offset = offset
 
-    def _record_pair(self, loss_plus, loss_minus, *, scaled: bool) -> None:
+    def record_pair(self, loss_plus, loss_minus, *, scaled: bool) -> None:
+        """Record the losses at `w + eps z` and `w - eps z` of one micro-batch (`scaled`: fractions of the batch's
+        loss, as the Trainer's `num_items_in_batch` makes them, which are summed instead of averaged)."""
         plus, minus = float(loss_plus), float(loss_minus)
         self._pending.loss_diffs.append(plus - minus)
         self._pending.loss_means.append(0.5 * (plus + minus))
         self._pending.scaled = scaled
 
-    def _abort_pending(self) -> None:
+    def abort_pair(self) -> None:
         """Restore `w` and drop the pending step (a forward raised)."""
         if self._pending is not None:
             self._move_to(0)
@@ -288,7 +297,7 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         pending = self._pending
         lrs = {group["lr"] for group in self.param_groups}
         if len(lrs) != 1:
-            self._abort_pending()
+            self.abort_pair()
             raise ValueError(
                 f"KSeedZOOptimizer needs one learning rate for all parameters, found {sorted(lrs)}: seed replay "
                 "describes the model with one scalar per seed. Give every param group the same `lr`."

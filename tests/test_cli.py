@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -96,12 +97,29 @@ def test_unknown_command_is_a_usage_error_without_traceback():
     assert "Traceback" not in result.stderr
 
 
-def test_every_public_name_resolves():
+PUBLIC_API = {
+    "BASELINE_METHODS", "ChunkedGeneratorEngine", "ClientUpdate", "CounterEngine", "DEFAULT_ENGINE", "ENGINES",
+    "FedAvgCallback", "FederatedCallback", "FederatedConfig", "FlowerConfig", "FlowerRun", "FreshSeedZOOptimizer",
+    "KSeedArtifactsCallback", "KSeedClient", "KSeedDelta", "KSeedServer", "KSeedZOOptimizer", "METHODS",
+    "PerturbationEngine", "PretrainConfig", "ProtocolError", "RademacherCounterEngine", "SequentialGeneratorEngine",
+    "SyncMessage", "UpdateMessage", "apply_kseed", "base_weights_sha256", "get_engine", "load_kseed_delta",
+    "make_client_app", "make_server_app", "pretrain_base", "push_output_dir", "save_kseed_delta", "simulate",
+}  # fmt: skip
+
+
+def test_the_public_api_is_pinned_and_every_name_resolves():
+    """What users import, from one list: adding or dropping a public name is a deliberate change of this set."""
     import hf_fedkseed
 
-    assert sorted(hf_fedkseed.__all__) == sorted(hf_fedkseed._EXPORTS)
+    assert set(hf_fedkseed.__all__) == PUBLIC_API
+    assert hf_fedkseed.__all__ == sorted(hf_fedkseed._EXPORTS)
     for name in hf_fedkseed.__all__:
-        assert getattr(hf_fedkseed, name) is not None
+        value = getattr(hf_fedkseed, name)
+        assert value is not None and not name.startswith("_")
+        module = importlib.import_module(hf_fedkseed._EXPORTS[name], "hf_fedkseed")
+        assert getattr(module, name) is value
+    with pytest.raises(AttributeError):
+        hf_fedkseed.run_summary  # noqa: B018  (internal: not exported)
 
 
 def test_quickstart_end_to_end_with_a_short_override(tmp_path, monkeypatch, capsys):

@@ -189,3 +189,15 @@ def test_a_flower_simulation_ends_where_the_emulation_ends(tmp_path, pro):
         rebuilt.client.catch_up(sync)
     for a, b in zip(rebuilt.model.parameters(), emulated_task.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+    # `hf-fedkseed flower` ends as `hf-fedkseed train` does: the same files, and a delta of the same accumulators.
+    from hf_fedkseed.delta import load_kseed_delta
+    from hf_fedkseed.flower_run import finish_flower_run
+
+    results = finish_flower_run(run, FlowerConfig(recipe=RECIPE, recipe_overrides=" ".join(flower_overrides)))
+    written = {path.name for path in (tmp_path / "flower").iterdir()}
+    expected = {"kseed_config.json", "kseed_delta.safetensors", "README.md", "rounds.jsonl", "eval_results.json"}
+    assert expected | {"model.safetensors", "predictions.jsonl", "training.png"} <= written
+    delta = load_kseed_delta(tmp_path / "flower")
+    assert torch.equal(delta.accumulators.double(), emulated_task.optimizer.accumulators.double())
+    assert results["rounds"] == len(run.history) and results["rougeL_after"] is not None

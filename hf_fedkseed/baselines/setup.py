@@ -64,10 +64,13 @@ def prepare_baseline(method: str, model, train_rows, *, model_args, zo_args, fed
         raise ValueError(f"`load_in_{bits}bit` applies to `method: fedit` only (a quantized base for LoRA).")
 
     if method == "fedzo":
-        from ..build import build_optimizer
+        from ..build import zo_optimizer_kwargs
+        from .fedzo import FreshSeedZOOptimizer
 
         federated = FedAvgCallback(federated_config, train_rows, payload="seed_steps")
-        optimizer = build_optimizer(model, zo_args, training_args, fresh_seeds_for_steps=federated.total_steps)
+        optimizer = FreshSeedZOOptimizer(
+            model, max_steps=federated.total_steps, **zo_optimizer_kwargs(zo_args, training_args)
+        )
         return BaselineSetup(model, optimizer, federated)
 
     if method == "fedit":

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
-import time
 from dataclasses import replace
 
-USAGE_ERROR = 2
+__all__ = ["simulate"]
 
 
 def simulate(settings, *, verbose: bool = False):
@@ -62,47 +57,3 @@ def simulate(settings, *, verbose: bool = False):
     if run.final_sync is None:
         raise RuntimeError("The Flower simulation ended before the ServerApp finished; see the log above.")
     return run
-
-
-def add_flower_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `flower` subcommand's arguments: the recipe, the Flower settings; recipe overrides pass through."""
-    parser.add_argument("recipe", help="path of the YAML recipe, e.g. recipes/quickstart.yaml")
-    parser.add_argument("--num_supernodes", type=int, default=None, help="SuperNodes (default: one per client)")
-    parser.add_argument(
-        "--round_timeout", type=float, default=3600.0, help="seconds to wait for a round's replies (default 3600)"
-    )
-    parser.add_argument("--client_num_cpus", type=float, default=1.0, help="CPU cores per simulated ClientApp")
-    parser.add_argument("--verbose", action="store_true", help="Flower's verbose logging")
-
-
-def run_flower(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Run `hf-fedkseed flower`; returns the exit code (2 for a usage error)."""
-    from ..configs import RecipeError
-    from .task import FlowerConfig, load_task, require_flwr
-
-    try:
-        require_flwr()
-        settings = FlowerConfig(
-            recipe=args.recipe,
-            recipe_overrides=" ".join(overrides),
-            round_timeout=args.round_timeout,
-            num_supernodes=args.num_supernodes,
-            client_num_cpus=args.client_num_cpus,
-        )
-        load_task(settings.recipe, settings.overrides, with_model=False)  # recipe errors surface before Ray starts
-    except (ImportError, RecipeError, ValueError) as error:
-        print(f"hf-fedkseed flower: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    logging.getLogger("hf_fedkseed").setLevel(logging.INFO)
-    started = time.perf_counter()
-    run = simulate(settings, verbose=args.verbose)
-    summary = {
-        "rounds": len(run.history),
-        "accepted": [entry["accepted"] for entry in run.history],
-        "bytes_per_client_per_round": sum(e["bytes_per_client"] for e in run.history) / max(len(run.history), 1),
-        "flower_bytes_down": sum(e["flower_bytes_down"] for e in run.history),
-        "flower_bytes_up": sum(e["flower_bytes_up"] for e in run.history),
-        "seconds": time.perf_counter() - started,
-    }
-    print(json.dumps(summary, indent=2))
-    return 0
