@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from .lazy import lazy_exports
 from .version import __version__ as __version__  # re-exported: `hf_fedkseed.__version__`
 
 # The public API: each name and the module that defines it, in one list (`__all__` is its keys). The names are
@@ -85,14 +85,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .pretrain import PretrainConfig, pretrain_base
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -106,20 +106,10 @@ def finish_flower_run(run, settings, *, started: float | None = None) -> dict:
     task.model.save_pretrained(str(output_dir))
     task.tokenizer.save_pretrained(str(output_dir))
     config = task.federated
-    results = run_results(
-        evaluation,
-        history,
-        clients=task.partition.num_clients,
-        clients_per_round=task.clients_per_round,
-        local_steps=config.local_steps,
-        method=config.method,
-        pro=config.pro,
-        num_seeds=task.zo_args.num_seeds,
-        runtime="flower",
-        total_seconds=time.perf_counter() - started,
-    )
-    write_run_files(output_dir, results, evaluation, history)
     rounds = SimpleNamespace(history=history, partition=task.partition, clients_per_round=task.clients_per_round)
+    elapsed = time.perf_counter() - started
+    results = run_results(evaluation, history, config, task.zo_args, rounds, runtime="flower", total_seconds=elapsed)
+    write_run_files(output_dir, results, evaluation, history)
     summary = run_summary(task.model_args, task.data_args, task.zo_args, config, task.training_args)
     artifacts = KSeedArtifactsCallback(summary, federated=rounds)
     artifacts.base_weights_sha256 = base_hash

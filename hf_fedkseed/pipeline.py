@@ -157,12 +157,10 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
     results = run_results(
         evaluation,
         history,
-        clients=federated.partition.num_clients,
-        clients_per_round=federated.clients_per_round,
-        local_steps=federated_config.local_steps,
+        federated_config,
+        zo_args,
+        federated,
         method=method,
-        pro=federated_config.pro,
-        num_seeds=zo_args.num_seeds,
         train_seconds=train_seconds - periodic_seconds,  # the evaluations between rounds are not training
         total_seconds=time.perf_counter() - started,
     )

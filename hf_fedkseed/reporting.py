@@ -206,9 +206,20 @@ class RoundEvaluationCallback(TrainerCallback):
             self.evaluation(done, cumulative_bytes_per_client(self.federated.history))
 
 
-def run_results(evaluation: HeldOutEvaluation, history: list[dict], **fields) -> dict:
-    """`eval_results.json` of a run: Rouge-L and loss before and after (and per category), the traffic, and
-    `fields` (the run's setting and timings)."""
+def run_results(
+    evaluation: HeldOutEvaluation, history: list[dict], federated_config, zo_args, rounds, **fields
+) -> dict:
+    """`eval_results.json` of a run: Rouge-L and loss before and after (and per category), the traffic, the
+    setting (`rounds`: the runtime's `partition` and `clients_per_round`) and `fields` (method, timings)."""
+    setting = dict(
+        clients=rounds.partition.num_clients,
+        clients_per_round=rounds.clients_per_round,
+        local_steps=federated_config.local_steps,
+        method=federated_config.method,
+        pro=federated_config.pro,
+        num_seeds=zo_args.num_seeds,
+    )
+    fields = {**setting, **fields}
     first, last = evaluation.records[0], evaluation.records[-1]
     before, after = evaluation.first, evaluation.latest
     return {

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_fedkseed"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("perturbation", ["perturbation", "version"]),  # z(seed, name, index): engines, replay (pure torch)
+    ("perturbation", ["perturbation", "version", "lazy"]),  # z(seed, name, index): engines, replay (pure torch)
     ("zo", ["zo"]),  # seed pool, sampler, two-point estimate
     ("trainer glue", ["forward_hooks"]),  # the hooks call the optimizer's pair API on an instance, not an import
     ("optimizer", ["optimizer"]),

@@ -2,27 +2,8 @@
 
 from __future__ import annotations
 
-from .apply import apply_kseed, base_weights_sha256
-from .files import (
-    DELTA_FORMAT,
-    DELTA_FORMAT_VERSION,
-    DTYPE_POLICY,
-    KSEED_CONFIG_NAME,
-    KSEED_DELTA_NAME,
-    KSeedDelta,
-    load_kseed_delta,
-    save_kseed_delta,
-)
+from . import apply, files
+from .apply import *  # noqa: F403  (the names of apply.__all__)
+from .files import *  # noqa: F403  (the names of files.__all__)
 
-__all__ = [
-    "DELTA_FORMAT",
-    "DELTA_FORMAT_VERSION",
-    "DTYPE_POLICY",
-    "KSEED_CONFIG_NAME",
-    "KSEED_DELTA_NAME",
-    "KSeedDelta",
-    "apply_kseed",
-    "base_weights_sha256",
-    "load_kseed_delta",
-    "save_kseed_delta",
-]
+__all__ = sorted([*files.__all__, *apply.__all__])

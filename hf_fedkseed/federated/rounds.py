@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from .config import FederatedConfig
 from .protocol import SyncMessage, UpdateMessage
 from .schedule import client_seed_schedule, resolve_clients_per_round
-from .server import AggregationResult, ClientUpdate, KSeedServer
+from .server import AggregationResult, KSeedServer
 
 __all__ = ["RoundLog", "SyncChain", "decode_update", "make_server", "round_record", "seed_schedule"]
 
@@ -107,15 +108,7 @@ class SyncChain:
                 )
             )
         if seed_schedule is not None:
-            final = messages[-1]
-            messages[-1] = SyncMessage(
-                server_round=final.server_round,
-                num_seeds=final.num_seeds,
-                accumulator_values=final.accumulator_values,
-                accumulator_indices=final.accumulator_indices,
-                base_round=final.base_round,
-                seed_schedule=seed_schedule,
-            )
+            messages[-1] = replace(messages[-1], seed_schedule=seed_schedule)
         return messages
 
     def mark_synced(self, client_id: int, round_index: int) -> None:
@@ -126,8 +119,8 @@ class SyncChain:
         self.synced.pop(client_id, None)
 
 
-def decode_update(payload, *, client_id: int, round_index: int, num_seeds: int) -> ClientUpdate:
-    """Decode and check one client's update payload for the server.
+def decode_update(payload, *, client_id: int, round_index: int, num_seeds: int) -> UpdateMessage:
+    """Decode and check one client's update payload for the server; the message is the update `aggregate` takes.
 
     Nothing in it is trusted: the bytes must decode (`UpdateMessage.decode` checks length, CRC, finite values and
     indices in range) and be for this client, this round and this K. The claimed `num_samples` is carried but the
@@ -147,15 +140,7 @@ def decode_update(payload, *, client_id: int, round_index: int, num_seeds: int) 
         )
     if received.num_seeds != num_seeds:
         raise ValueError(f"the update is for K={received.num_seeds} seeds; the server has K={num_seeds}")
-    return ClientUpdate(
-        client_id=received.client_id,
-        num_samples=received.num_samples,
-        seed_indices=received.seed_indices,
-        scalars=received.scalars,
-        projected_grads=received.projected_grads,
-        server_round=received.server_round,
-        num_seeds=received.num_seeds,
-    )
+    return received
 
 
 def round_record(
