@@ -176,7 +176,9 @@ class FederatedRoundsCallback(TrainerCallback):
             raise ValueError(
                 "Pass `train_dataset=federated.train_dataset` to the Trainer, so each local step reads its client."
             )
-        self.per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        # Rows per local step: with several processes (`accelerate launch`) the main process reads every rank's
+        # micro-batches from this stream and dispatches them, and the ranks all-reduce their two losses.
+        self.per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.start(args, state, optimizer)
         round_index, slot, local_step = self.where(state.global_step)
         if slot or local_step:

@@ -128,3 +128,45 @@ def test_two_processes_on_half_batches_equal_one_process_on_the_full_batch():
     for a, b in zip(results[0]["final"], results[1]["final"], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(results[0]["accumulators"], results[1]["accumulators"])
+
+
+@pytest.mark.slow
+def test_federated_rounds_on_two_processes_equal_one_process(tmp_path):
+    """Two processes (torchrun, as `accelerate launch` with a MULTI_CPU config) run FedKSeed-Pro rounds with each
+    rank on half of every local step's rows; the ranks end identical, and equal to one process on the whole rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parent / "helpers" / "federated_ranks.py"
+    # torchrun: `accelerate launch --cpu` starts one process unless an accelerate config says MULTI_CPU (mpirun);
+    # the Trainer's accelerate state reads the same RANK/WORLD_SIZE either way.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([*command, str(script), str(tmp_path), "1"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in (0, 1)]
+    assert torch.equal(ranks[0]["accumulators"], ranks[1]["accumulators"])  # the same all-reduced scalars
+
+    sys.path.insert(0, str(script.parent))
+    try:
+        import federated_ranks
+    finally:
+        sys.path.remove(str(script.parent))
+    model, optimizer, _ = federated_ranks.run(tmp_path / "single", per_device_batch=2)
+    # As above, only the order of the float additions differs (two ranks' partial sums, then one all-reduce), a
+    # rounding-level change of L that g = (L+ - L-) / 2eps magnifies by 1/eps. Here L is float32 even for a float64
+    # model (transformers' causal-LM loss upcasts the logits to float32), so the bound is the undo test's: about one
+    # ulp of each loss (4.8e-7 for losses in [4, 8)) a step, times lr / eps, summed over the steps; weights also
+    # times |z| < 6. A real disagreement (a row read twice, a step not all-reduced) moves them by lr * |g| ~ 1e-3.
+    federated_config = federated_ranks.config(pro=True)
+    steps = federated_config.rounds * federated_config.clients_per_round * federated_config.local_steps
+    lr, zo_eps, z_max = 2e-3, 1e-3, 6.0
+    bound = steps * lr * 4 * torch.finfo(torch.float32).eps / zo_eps
+    torch.testing.assert_close(ranks[0]["accumulators"], optimizer.accumulators, rtol=0, atol=bound)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ranks[0][f"weight.{name}"], param.detach(), rtol=0, atol=bound * z_max)
+    assert optimizer.accumulators.abs().max() > 100 * bound
