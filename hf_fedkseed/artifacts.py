@@ -16,6 +16,20 @@ from .configs import RecipeError
 from .delta import KSEED_CONFIG_NAME, KSEED_DELTA_NAME, base_weights_sha256, save_kseed_delta
 from .model_card import KSEED_METHODS, write_model_card
 
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "CheckpointError",
+    "KSeedArtifactsCallback",
+    "checkpoint_directories",
+    "describe_base",
+    "latest_complete_checkpoint",
+    "resolve_resume_checkpoint",
+    "run_summary",
+    "verify_checkpoint",
+    "write_checkpoint_manifest",
+]
+
 logger = logging.getLogger(__name__)
 
 _STATE_NAME = "kseed_artifacts"

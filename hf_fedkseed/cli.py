@@ -8,6 +8,8 @@ import logging
 import platform
 import sys
 
+__all__ = ["USAGE_ERROR", "build_parser", "main"]
+
 USAGE_ERROR = 2  # argparse's and the shell's convention for a wrong command line
 
 

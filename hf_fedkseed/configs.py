@@ -14,6 +14,16 @@ from typing import Literal
 
 import yaml
 
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "RecipeError",
+    "ZOArguments",
+    "parse_recipe",
+    "recipe_dataclasses",
+    "validate_recipe",
+]
+
 
 # ---------------------------------------------------------------------- field checks (one message naming the field)
 def _check_int(name: str, value, *, low: int, hint: str = "") -> None:

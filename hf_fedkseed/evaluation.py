@@ -12,6 +12,8 @@ import torch
 from .data import end_of_turn_token_id
 from .forward_hooks import eval_mode
 
+__all__ = ["RougeL", "evaluate_rouge_l", "generate_predictions", "official_rouge_l", "official_rouge_l_mean", "rouge_l"]
+
 # rouge-score's default tokenizer: lowercase, every run of characters outside [a-z0-9] becomes one space.
 _NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
 

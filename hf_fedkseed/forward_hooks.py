@@ -9,6 +9,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+__all__ = ["ZOForwardHooks", "eval_mode", "extract_loss", "labelled_logits_only"]
+
 
 class eval_mode:
     """Put a module (and every submodule) in eval mode for a block, then restore each submodule's own flag."""

@@ -7,6 +7,20 @@ import os
 import sys
 from pathlib import Path
 
+__all__ = [
+    "DELTA_FILES",
+    "FAILURE",
+    "IGNORE_PATTERNS",
+    "KSEED_CONFIG_NAME",
+    "KSEED_DELTA_NAME",
+    "USAGE_ERROR",
+    "add_push_arguments",
+    "files_to_upload",
+    "push_output_dir",
+    "push_trainer_to_hub",
+    "run_push",
+]
+
 # The KSeed delta and the card (`delta.KSEED_CONFIG_NAME`, `delta.KSEED_DELTA_NAME`, `model_card.MODEL_CARD_NAME`),
 # spelled out so that building the CLI parser imports no torch.
 KSEED_CONFIG_NAME = "kseed_config.json"

@@ -11,6 +11,19 @@ from typing import Any
 from .bases import PACKAGE_PREFIX, install_command
 from .delta import KSEED_CONFIG_NAME, KSEED_DELTA_NAME
 
+__all__ = [
+    "CARD_TAGS",
+    "FEDKSEED_CITATION",
+    "KSEED_METHODS",
+    "METHOD_TITLES",
+    "MODEL_CARD_NAME",
+    "MODEL_CARD_TEMPLATE",
+    "PROMPT_FORMAT_TEXTS",
+    "VERSIONED_PACKAGES",
+    "render_model_card",
+    "write_model_card",
+]
+
 MODEL_CARD_NAME = "README.md"
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "kseed_model_card.md"
 KSEED_METHODS = ("fedkseed", "fedkseed_pro")

@@ -13,6 +13,8 @@ from .forward_hooks import ZOForwardHooks, eval_mode
 from .perturbation import PerturbationEngine, get_engine
 from .zo import SeedSampler, make_seed_pool, projected_grad, validate_probabilities
 
+__all__ = ["KSeedZOOptimizer", "default_no_decay"]
+
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
     """Biases and normalisation weights get no weight decay, as in the paper's code."""

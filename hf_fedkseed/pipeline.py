@@ -16,6 +16,8 @@ from .reporting import (
     write_run_files,
 )
 
+__all__ = ["RESOURCES", "check_output_dir", "run_training"]
+
 logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parent / "resources"

@@ -12,6 +12,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+__all__ = [
+    "INFO_FILE",
+    "QUICKSTART",
+    "RESOURCES",
+    "TINY_LLAMA",
+    "PretrainConfig",
+    "cached_base",
+    "main",
+    "pretrain_base",
+]
+
 logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parent / "resources"

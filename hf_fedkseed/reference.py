@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+__all__ = ["ReferenceZO", "official_no_decay"]
+
 
 def official_no_decay(name: str) -> bool:
     """The official code's rule: no weight decay on biases and layer norms (by name)."""

@@ -8,6 +8,8 @@ import torch
 
 from .perturbation.hashing import splitmix64
 
+__all__ = ["SEED_POOL_HIGH", "SeedSampler", "make_seed_pool", "projected_grad", "validate_probabilities"]
+
 # The official code draws candidate seeds with `np.random.randint(1, 100000000000, K)`; we keep its range.
 SEED_POOL_HIGH = 100_000_000_000
 

@@ -101,3 +101,18 @@ def test_the_module_level_imports_have_no_cycle():
     for name in sorted(graph):
         if state.get(name) is None:
             visit(name, [])
+
+
+def test_every_module_says_its_job_and_its_public_names_and_stays_short():
+    for name, path in sorted(modules().items()):
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        docstring = ast.get_docstring(tree)
+        assert docstring, f"hf_fedkseed.{name} has no module docstring"
+        targets = [
+            target
+            for node in tree.body
+            for target in (node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)])
+        ]
+        assert any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets), f"hf_fedkseed.{name}: no __all__"
+        assert len(source.splitlines()) <= 500, f"hf_fedkseed.{name} has {len(source.splitlines())} lines"

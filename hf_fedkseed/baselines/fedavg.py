@@ -12,6 +12,8 @@ from ..federated.partition import Partition
 from ..trainer_rounds import FederatedRoundsCallback
 from .fedzo import SeedStepsMessage, encode_seed_history
 
+__all__ = ["PAYLOADS", "FedAvgCallback", "decode_tensors", "encode_tensors"]
+
 logger = logging.getLogger(__name__)
 
 PAYLOADS = ("weights", "seed_steps")

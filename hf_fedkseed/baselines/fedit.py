@@ -6,6 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "adapter_parameters",
+    "apply_lora",
+    "load_quantized_model",
+    "quantization_unavailable",
+]
+
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")  # FedIT's and the LoRA paper's choice for Llama
 
 

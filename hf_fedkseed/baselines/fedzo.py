@@ -13,6 +13,14 @@ import torch
 from ..optimizer import KSeedZOOptimizer
 from ..zo import SeedSampler
 
+__all__ = [
+    "FreshSeedZOOptimizer",
+    "SeedStepsMessage",
+    "SequentialSeedSampler",
+    "encode_seed_history",
+    "replay_seed_steps",
+]
+
 _MAGIC = b"FZO"
 _VERSION = 1
 # magic, version, server_round, client_id, num_samples, num_steps

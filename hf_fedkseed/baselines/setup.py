@@ -8,6 +8,8 @@ from typing import Any
 
 from .fedavg import FedAvgCallback
 
+__all__ = ["BASELINE_METHODS", "BaselineSetup", "prepare_baseline"]
+
 logger = logging.getLogger(__name__)
 
 BASELINE_METHODS = ("fedzo", "fedit", "fedavg")

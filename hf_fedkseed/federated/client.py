@@ -10,6 +10,8 @@ import torch
 from ..perturbation import PerturbationEngine
 from .messages import SyncMessage, UpdateMessage
 
+__all__ = ["UNDO_MODES", "KSeedClient", "LocalStep"]
+
 UNDO_MODES = ("snapshot", "replay")
 
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+__all__ = ["STRATEGIES", "Partition", "dirichlet_partition", "iid_partition", "natural_partition", "partition_dataset"]
+
 if TYPE_CHECKING:
     from datasets import Dataset
 

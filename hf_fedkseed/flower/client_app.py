@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .task import METRICS_RECORD, NODE_RECORD, SYNC_RECORD, UPDATE_RECORD, FederatedTask, FlowerConfig, load_task
 
+__all__ = ["handle_query", "handle_train", "make_client_app", "node_partition"]
+
 
 def node_partition(context) -> int:
     """The partition (client id) this SuperNode trains on: its `partition-id` node config.

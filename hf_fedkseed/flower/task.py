@@ -19,6 +19,20 @@ from ..federated.schedule import RoundSchedule, build_partition, client_seed_sch
 from ..federated.server import KSeedServer
 from ..trainer_rounds import ClientRowStream
 
+__all__ = [
+    "FLOWER_EXTRA",
+    "METRICS_RECORD",
+    "NODE_RECORD",
+    "QUERY",
+    "SYNC_RECORD",
+    "TRAIN",
+    "UPDATE_RECORD",
+    "FederatedTask",
+    "FlowerConfig",
+    "load_task",
+    "require_flwr",
+]
+
 FLOWER_EXTRA = 'pip install "hf-fedkseed[flower]"'
 # The message types of the app: registration ("query": which partition a node holds) and one round ("train").
 QUERY = "query"
