@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..federated.aggregation import client_weight
 from ..federated.config import FederatedConfig
 from ..federated.partition import Partition
 from ..trainer_rounds import FederatedRoundsCallback
@@ -107,10 +108,6 @@ class FedAvgCallback(FederatedRoundsCallback):
         self._loss_count = 0
         self._seed_history: list[tuple[int, float]] = []  # every (seed, lr*g) of every client so far (FedZO)
 
-    def client_weight(self, num_samples: int) -> float:
-        """A client's unnormalised weight: its sample count ("samples") or 1 ("equal"), as FedKSeed's server."""
-        return float(num_samples) if self.config.aggregation in ("samples", "norm_bound") else 1.0
-
     # ------------------------------------------------------------------ Trainer setup
     def setup(self, args, model, optimizer) -> None:
         self.seed = args.seed  # the clients FedKSeed's server selects: its seed is the optimizer's, `args.seed`
@@ -207,7 +204,7 @@ class FedAvgCallback(FederatedRoundsCallback):
             # Replaying the pairs on the broadcast model gives these weights up to float rounding (see the tests).
             client_tensors = {name: p.detach().to("cpu", copy=True) for name, p in self.trained}
         record["bytes_up"] += len(upload)
-        weight = self.client_weight(num_samples)
+        weight = client_weight(self.config.aggregation, num_samples)  # as FedKSeed's server weighs
         record["weights"][client_id] = weight
         for name, tensor in client_tensors.items():
             record["aggregate"][name].add_(tensor.to(torch.float32) - record["global"][name], alpha=weight)

@@ -12,11 +12,13 @@ from .updates import SANITY_MAX_ABS_ACCUMULATOR, CheckedUpdate
 __all__ = [
     "AGGREGATIONS",
     "COUNT_CAP_FACTOR",
+    "COUNT_WEIGHTED",
     "MIN_CLIENTS_TO_COMPARE",
     "OUTLIER_NORM_FACTOR",
     "OUTLIER_SCALAR_FACTOR",
     "TRIM_FRACTION",
     "WEIGHTINGS",
+    "client_weight",
     "combine",
     "coordinate_wise",
     "effective_weight",
@@ -28,6 +30,8 @@ __all__ = [
 # How the accepted updates are combined. "samples" and "equal" are the official code's weighted means; the robust
 # choices cost O(K x clients) scalar operations per round, nothing next to one forward pass of the model.
 AGGREGATIONS = ("samples", "equal", "trimmed_mean", "median", "norm_bound")
+# The aggregations that weigh each client by its sample count (the others weigh clients equally).
+COUNT_WEIGHTED = ("samples", "norm_bound")
 # Which weights a round used (`AggregationResult.weighting`): counts the runtime knows (the partition sizes), the
 # clients' claimed counts capped at COUNT_CAP_FACTOR x the round's median claim, or one share each.
 WEIGHTINGS = ("known_counts", "capped", "equal")
@@ -94,6 +98,15 @@ def screen(
     return valid, scales
 
 
+def client_weight(aggregation: str, num_samples: int) -> float:
+    """A client's aggregation weight before normalisation: its sample count (`COUNT_WEIGHTED` aggregations) or 1.
+
+    Pass a count the runtime knows (the partition size), never one a client claims. Every method uses it: FedKSeed's
+    server and the weight-averaging baselines.
+    """
+    return float(num_samples) if aggregation in COUNT_WEIGHTED else 1.0
+
+
 def round_weights(
     valid: list[CheckedUpdate], sample_counts: Mapping[int, int] | None, aggregation: str
 ) -> tuple[dict[int, float], str]:
@@ -106,7 +119,7 @@ def round_weights(
     """
     if not valid:
         return {}, "equal"
-    if aggregation not in ("samples", "norm_bound"):
+    if aggregation not in COUNT_WEIGHTED:
         raw = {checked.client_id: 1.0 for checked in valid}
         weighting = "equal"
     elif sample_counts is not None:

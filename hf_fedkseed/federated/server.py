@@ -18,6 +18,7 @@ from .aggregation import (
     OUTLIER_SCALAR_FACTOR,
     TRIM_FRACTION,
     WEIGHTINGS,
+    client_weight,
     combine,
     effective_weight,
     overflowing_client,
@@ -340,7 +341,7 @@ class KSeedServer:
 
         Pass a count the runtime knows (the partition size), never one a client claims.
         """
-        return float(num_samples) if self.aggregation in ("samples", "norm_bound") else 1.0
+        return client_weight(self.aggregation, num_samples)
 
     def check_update(self, round: int, update: ClientUpdate) -> str | None:
         """Why `aggregate` would reject this update on its own in `round`, or None if the per-update checks pass.

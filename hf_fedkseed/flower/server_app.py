@@ -151,6 +151,7 @@ def run_round(
         chain.open_round(round_index, server.accumulators)
     selected = server.select_clients(round_index)
     bytes_down = bytes_down_full = flower_down = 0
+    full_bytes = None
     failed: dict[int, str] = {}
     rejected: dict[int, str] = {}  # a reply with a payload that did not decode as this round's update
     messages, client_of_node = [], {}
@@ -175,8 +176,10 @@ def run_round(
         messages.append(message)
         client_of_node[node_id] = client_id
         bytes_down += sum(len(payload) for payload in payloads)
-        full = SyncMessage.build(server_round=round_index, accumulators=server.accumulators, seed_schedule=schedule)
-        bytes_down_full += len(full.encode())
+        if full_bytes is None:  # every selected client's full sync has the same length: encode one
+            full = SyncMessage.build(server_round=round_index, accumulators=server.accumulators, seed_schedule=schedule)
+            full_bytes = len(full.encode())
+        bytes_down_full += full_bytes
         flower_down += message_wire_bytes(message) or 0
 
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
