@@ -235,7 +235,9 @@ def run_summary(model_args, data_args, zo_args, federated_config, training_args,
         summary.update(
             num_seeds=getattr(zo_args, "num_seeds", None),
             zo_eps=getattr(zo_args, "zo_eps", None),
-            engine=getattr(zo_args, "engine", None),
+            engine=getattr(zo_args, "engine_name", getattr(zo_args, "engine", None)),
+            zo_estimator=getattr(zo_args, "zo_estimator", "two_point"),
+            zo_directions=getattr(zo_args, "zo_directions", 1),
         )
     if federated_config is not None:
         summary.update(

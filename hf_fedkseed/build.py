@@ -107,7 +107,7 @@ def zo_optimizer_kwargs(zo_args, training_args) -> dict:
         lr=training_args.learning_rate,
         eps=zo_args.zo_eps,
         seed=training_args.seed,
-        engine=zo_args.engine,
+        engine=zo_args.engine_name,
         grad_clip=zo_args.grad_clip,
     )
 
@@ -116,4 +116,10 @@ def build_optimizer(model, zo_args, training_args):
     """The recipe's `KSeedZOOptimizer` over `model` (FedZO's optimizer takes `zo_optimizer_kwargs` the same way)."""
     from .optimizer import KSeedZOOptimizer
 
-    return KSeedZOOptimizer(model, num_seeds=zo_args.num_seeds, **zo_optimizer_kwargs(zo_args, training_args))
+    return KSeedZOOptimizer(
+        model,
+        num_seeds=zo_args.num_seeds,
+        estimator=zo_args.zo_estimator,
+        directions=zo_args.zo_directions,
+        **zo_optimizer_kwargs(zo_args, training_args),
+    )

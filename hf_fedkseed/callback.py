@@ -112,7 +112,7 @@ class FederatedCallback(FederatedRoundsCallback):
         client_id = record["clients"][slot]
         # FedKSeed-Pro: the server draws the client's tau seeds from its distribution and sends them; FedKSeed: the
         # client draws them uniformly, keyed by (seed, round, client) as every runtime does.
-        schedule = seed_schedule(self.server, self.config, record["round"], client_id)
+        schedule = seed_schedule(self.server, self.config, record["round"], client_id, self.optimizer.directions)
         payload = self._sync(record["round"], schedule if self.config.pro else None).encode()
         record["bytes_down"] += len(payload)
         received = SyncMessage.decode(payload)

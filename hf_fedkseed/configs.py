@@ -184,6 +184,24 @@ class ZOArguments:
         },
     )
     grad_clip: float | None = field(default=None, metadata={"help": "Skip steps with |L+ - L-| above this."})
+    zo_estimator: str = field(
+        default="two_point",
+        metadata={
+            "help": "`two_point` (FedKSeed/MeZO: L(w+eps z) - L(w-eps z), 2 forwards, one direction) or `fzoo` "
+            "(FZOO: zo_directions one-sided differences against L(w), the step normalised by their spread; "
+            "zo_directions + 1 forwards)."
+        },
+    )
+    zo_directions: int = field(
+        default=1, metadata={"help": "Directions per step: 1 for `two_point`, at least 2 for `fzoo` (e.g. 4)."}
+    )
+    zo_tensor_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the parameter tensors each direction perturbs, chosen from the seed (layer-wise "
+            "sparse perturbations, LeZO); 1.0 perturbs all."
+        },
+    )
 
     def __post_init__(self):
         _check_real("zo_eps", self.zo_eps, positive=True, hint="the perturbation scale, e.g. 5e-4")
@@ -191,12 +209,37 @@ class ZOArguments:
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, positive=True, hint="or leave it unset")
         if self.engine is not None:
-            from .perturbation import ENGINES
+            from .perturbation import check_engine_name
 
-            if self.engine not in ENGINES:
-                raise ValueError(
-                    f"Invalid `engine`: {self.engine!r}; choose one of {sorted(ENGINES)} or leave it unset."
-                )
+            try:
+                check_engine_name(self.engine)
+            except ValueError as error:
+                raise ValueError(f"Invalid `engine`: {error}") from None
+        from .zo import check_estimator
+
+        check_estimator(self.zo_estimator, self.zo_directions)
+        if not (
+            isinstance(self.zo_tensor_fraction, (int, float))
+            and not isinstance(self.zo_tensor_fraction, bool)
+            and 0.0 < self.zo_tensor_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"Invalid `zo_tensor_fraction`: {self.zo_tensor_fraction!r}; give a fraction in (0, 1], e.g. 0.25, "
+                "or 1.0 to perturb every tensor."
+            )
+        if self.zo_tensor_fraction < 1.0 and self.engine is not None and "@tensors=" in self.engine:
+            raise ValueError(
+                f"`engine` {self.engine!r} already names a tensor fraction; drop `zo_tensor_fraction` or the suffix."
+            )
+
+    @property
+    def engine_name(self) -> str | None:
+        """The engine the optimizer builds: `engine` with `zo_tensor_fraction` applied (None: the default)."""
+        if self.zo_tensor_fraction >= 1.0:
+            return self.engine
+        from .perturbation import DEFAULT_ENGINE
+
+        return f"{self.engine or DEFAULT_ENGINE}@tensors={self.zo_tensor_fraction:g}"
 
 
 class RecipeError(ValueError):
@@ -307,6 +350,12 @@ def validate_recipe(model_args, data_args, zo_args, federated_config, training_a
                 f"Invalid `max_steps`: {training_args.max_steps}; the rounds take rounds x clients_per_round x "
                 f"local_steps = {needed} steps. Leave `max_steps` unset (the rounds define the run's length)."
             )
+    method = getattr(federated_config, "method", "fedkseed")
+    if zo_args.zo_estimator != "two_point" and method not in ("fedkseed", "fedkseed_pro"):
+        raise RecipeError(
+            f"`zo_estimator: {zo_args.zo_estimator}` applies to FedKSeed and FedKSeed-Pro; the `{method}` baseline "
+            "keeps its own estimator. Drop `zo_estimator`/`zo_directions` for it."
+        )
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume != "last" and not Path(resume).is_dir():
         raise RecipeError(

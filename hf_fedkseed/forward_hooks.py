@@ -136,14 +136,15 @@ def _refuse_unsupported_setup() -> None:
 
 
 class ZOForwardHooks:
-    """Forward hooks on `module` that run the next forward after `arm()` as a two-point ZO evaluation.
+    """Forward hooks on `module` that run the next forward after `arm()` as a ZO evaluation.
 
-    Armed forward: the pre-hook samples the step's seed (first micro-batch) and moves the weights to `w + eps z`,
-    switches to eval mode and disables autograd; the model's own forward computes L+; the post-hook moves the
-    weights to `w - eps z`, runs the same call again for L-, records the pair in the optimizer and returns the
-    output with loss `(L+ + L-) / 2` tied to a zero-cost leaf, so `loss.backward()` has nothing to do. The weights
-    stay at `w - eps z` until the next micro-batch or `optimizer.step()`, which restores and updates in one pass.
-    If a forward raises, the weights are restored to `w` before the error propagates.
+    Armed forward: the pre-hook samples the step's seeds (first micro-batch) and moves the weights to the first
+    evaluation point (`w + eps z` for the two-point estimate, `w` for FZOO), switches to eval mode and disables
+    autograd; the model's own forward computes the first loss; the post-hook moves the weights to each further point
+    (`w - eps z`; or `w + eps z_i`), runs the same call again there, records the losses in the optimizer and returns
+    the output with loss `(L+ + L-) / 2` (FZOO: `L(w)`) tied to a zero-cost leaf, so `loss.backward()` has nothing
+    to do. The weights stay at the last point until the next micro-batch or `optimizer.step()`, which restores and
+    updates. If a forward raises, the weights are restored to `w` before the error propagates.
     """
 
     def __init__(self, module: nn.Module, optimizer):
@@ -206,21 +207,24 @@ class ZOForwardHooks:
             self.optimizer.abort_pair()
             return None
         try:
-            loss_plus = extract_loss(output).detach()
-            output = _replace_loss(output, loss_plus)
-            self.optimizer._move_to(-1)
+            first = extract_loss(output).detach()
+            output = _replace_loss(output, first)
+            losses = [first]
             self._in_second_forward = True
             try:
-                loss_minus = extract_loss(module(*args, **kwargs)).detach()
+                for point in range(1, self.optimizer.points_per_micro_batch):
+                    self.optimizer.move_to_point(point)
+                    losses.append(extract_loss(module(*args, **kwargs)).detach())
             finally:
                 self._in_second_forward = False
-            self.optimizer.record_pair(loss_plus, loss_minus, scaled=self._scaled)
+            self.optimizer.record_losses(losses, scaled=self._scaled)
         except BaseException:
             self._leave_contexts()
             self.optimizer.abort_pair()
             raise
         self._leave_contexts()
-        loss = 0.5 * (loss_plus + loss_minus)
+        # the loss the Trainer logs: the mean of the pair (two-point), the loss at w (FZOO)
+        loss = 0.5 * (losses[0] + losses[1]) if self.optimizer.estimator == "two_point" else losses[0]
         if torch.is_grad_enabled():
             # `accelerator.backward(loss)` needs a graph; give it one through a scalar leaf, not the weights.
             if self._zero_leaf is None or self._zero_leaf.device != loss.device:

@@ -168,8 +168,15 @@ def render_model_card(
         eval_results=eval_results,
     )
     if method in KSEED_METHODS:
+        if summary.get("zo_estimator", "two_point") == "fzoo":
+            estimate = (
+                f"FZOO estimates ({summary.get('zo_directions')} one-sided directions per step, the step normalised "
+                "by their losses' spread)"
+            )
+        else:
+            estimate = "two-point estimates"
         optimizer = (
-            f"KSeed ZO: zeroth-order SGD over K = {summary.get('num_seeds')} candidate seeds, two-point estimates "
+            f"KSeed ZO: zeroth-order SGD over K = {summary.get('num_seeds')} candidate seeds, {estimate} "
             "(forward passes only: no backpropagation, no optimizer state)"
         )
     else:

@@ -11,7 +11,14 @@ from torch import nn
 
 from .forward_hooks import ZOForwardHooks, eval_mode
 from .perturbation import PerturbationEngine, get_engine
-from .zo import SeedSampler, make_seed_pool, projected_grad, validate_probabilities
+from .zo import (
+    SeedSampler,
+    check_estimator,
+    make_seed_pool,
+    normalized_one_sided,
+    projected_grad,
+    validate_probabilities,
+)
 
 __all__ = ["KSeedZOOptimizer", "default_no_decay"]
 
@@ -22,36 +29,35 @@ def default_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or "bias" in lowered or "norm" in lowered
 
 
-def _all_reduce_losses(loss_diff: float, loss: float, scaled: bool) -> tuple[float, float]:
-    """Combine a step's two loss scalars over the ranks of a multi-process run; the identity in one process.
+def _all_reduce_losses(values: list[float], scaled: bool) -> list[float]:
+    """Combine a step's loss scalars over the ranks of a multi-process run; the identity in one process.
 
-    Every rank evaluated the same seed on its share of the batch. A loss normalised by the whole batch's
+    Every rank evaluated the same seeds on its share of the batch. A loss normalised by the whole batch's
     `num_items_in_batch` (`scaled`, the Trainer's default across devices) is a share of the total: the ranks' values
-    are summed. A per-rank mean is averaged, as DDP averages gradients. Only these two float64 scalars travel; every
+    are summed. A per-rank mean is averaged, as DDP averages gradients. Only these few float64 scalars travel; every
     rank then applies the identical update.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return loss_diff, loss
+        return values
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([loss_diff, loss], dtype=torch.float64, device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     if not scaled:
-        values /= dist.get_world_size()
-    loss_diff, loss = values.tolist()
-    return loss_diff, loss
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
 
 
 @dataclass
 class _PendingStep:
-    """The optimizer step being evaluated: its seed and the loss pairs of its micro-batches."""
+    """The optimizer step being evaluated: its directions (seed indices and seeds) and the losses of its
+    micro-batches, one list per micro-batch with one loss per evaluation point."""
 
-    seed_index: int
-    seed: int
+    seed_indices: list[int]
+    seeds: list[int]
     eps: float
-    loss_diffs: list[float] = field(default_factory=list)
-    loss_means: list[float] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)
     scaled: bool = False
 
 
@@ -63,6 +69,15 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
     `g = (L+ - L-) / (2 eps)`. The restore to `w` and the update are one pass, so z is generated three times a
     step. The optimizer keeps `accumulators[j] = sum of lr_t * g_t` over every use of seed j, so with
     `weight_decay=0` the model is always `w0 - sum_j accumulators[j] * z_j`, whatever the learning-rate schedule.
+
+    With `estimator="fzoo"` a step instead takes `directions` seeds (N) and evaluates `L0 = L(w)` and
+    `L_i = L(w + eps z_i)`, N + 1 forwards, and applies `w <- w - lr * sum_i s_i z_i` with the normalised slopes
+    `s_i = (L_i - L0) / (N std(L_1..L_N))` (FZOO, Dang et al. 2025, arXiv 2506.09034: batched one-sided estimates,
+    a normalised-SGD step). Each direction is one (seed index, `lr * s_i`) pair, so the model stays
+    `w0 - sum_j A_j z_j` and everything that replays seeds works unchanged. It assumes the N losses spread (a step
+    whose losses are all equal is skipped) and an `lr` on the normalised scale: the step moves each weight by about
+    `lr / sqrt(N)` times a standard normal, whatever the gradient's size (the two-point `lr` is multiplied by
+    `|g|`, typically 10 to 100 times larger).
 
     It runs in two ways:
 
@@ -87,6 +102,8 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         seed_probabilities: sampling distribution over the pool (FedKSeed-Pro); uniform when None.
         engine: perturbation engine name or instance (see `hf_fedkseed.perturbation.ENGINES`).
         no_decay: predicate `(name, param) -> bool` choosing the parameters without weight decay.
+        estimator: `"two_point"` (the paper's, default) or `"fzoo"` (see above).
+        directions: seeds per step: 1 for `two_point`, at least 2 for `fzoo`.
 
     Raises:
         ValueError: for an argument out of range, naming the argument.
@@ -112,6 +129,8 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         seed_probabilities: torch.Tensor | None = None,
         engine: str | PerturbationEngine | None = None,
         no_decay: Callable[[str, torch.Tensor], bool] = default_no_decay,
+        estimator: str = "two_point",
+        directions: int = 1,
     ):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Invalid `lr`: {lr}; it must be a finite number >= 0.")
@@ -125,6 +144,9 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid `num_seeds`: {num_seeds}; K must be a positive integer.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"Invalid `seed`: {seed!r}; it must be an integer.")
+        check_estimator(estimator, directions)
+        self.estimator = estimator
+        self.directions = directions
 
         self.module = params if isinstance(params, nn.Module) else None
         named = list(params.named_parameters() if isinstance(params, nn.Module) else params)
@@ -161,7 +183,8 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         self.num_skipped_clipped = 0
         self.last_step: dict | None = None
         self._pending: _PendingStep | None = None
-        self._offset = 0  # the weights are at w + offset * eps * z_pending
+        self._offset = 0  # the weights are at w + offset * eps * z of the pending step's direction `_direction`
+        self._direction = 0
         self._hooks: ZOForwardHooks | None = None
         self._attached: dict = {}  # name -> object with state_dict()/load_state_dict(), saved with this optimizer
         self._unclaimed_state: dict = {}  # attached state loaded before its owner attached itself
@@ -241,14 +264,15 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             try:
                 with eval_mode(self.module):
                     self.begin_pair()
-                    loss_plus = closure()
-                    self.to_minus()
-                    loss_minus = closure()
+                    losses = [closure()]
+                    for point in range(1, self.points_per_micro_batch):
+                        self.move_to_point(point)
+                        losses.append(closure())
             except BaseException:
                 self.abort_pair()
                 raise
-            self.record_pair(loss_plus, loss_minus, scaled=False)
-        if self._pending is None or not self._pending.loss_diffs:
+            self.record_losses(losses, scaled=False)
+        if self._pending is None or not self._pending.losses:
             raise RuntimeError(
                 "KSeedZOOptimizer.step() found no zeroth-order forward to use. Either pass a closure, "
                 "`optimizer.step(lambda: model(**batch).loss)`, or call `optimizer.train()` before the forward "
@@ -257,37 +281,64 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         return self._finish_step()
 
     # ------------------------------------------------------------------ pair evaluation (the forward hooks use it)
-    # One ZO step evaluates the loss at `w + eps z` and `w - eps z` for each micro-batch: `begin_pair()` (the
-    # weights go to `w + eps z`), a forward, `to_minus()`, a forward, `record_pair(L+, L-)`; then `step()` restores
-    # `w` and applies the update in one pass. `abort_pair()` restores `w` and drops the step if a forward raised.
+    # One ZO step evaluates the loss at `points_per_micro_batch` points for each micro-batch: `begin_pair()` (the
+    # weights go to the first point), a forward, then `move_to_point(k)` and a forward for each further point, and
+    # `record_losses([...])`; `step()` restores `w` and applies the update. For the two-point estimate the points
+    # are `w + eps z` and `w - eps z` (`to_minus()` is `move_to_point(1)`, `record_pair(L+, L-)` records them); for
+    # FZOO they are `w` and `w + eps z_i`, i = 1..N. `abort_pair()` restores `w` and drops the step if a forward
+    # raised.
+    @property
+    def points_per_micro_batch(self) -> int:
+        """Forwards per micro-batch: 2 for the two-point estimate, `directions + 1` for FZOO."""
+        return 2 if self.estimator == "two_point" else self.directions + 1
+
     def begin_pair(self) -> None:
-        """Start (or continue) the pending step and move the weights to `w + eps z`."""
+        """Start (or continue) the pending step and move the weights to its first evaluation point."""
         if self._pending is None:
-            index = self.sampler.sample()
+            indices = [self.sampler.sample() for _ in range(self.directions)]
             self._pending = _PendingStep(
-                seed_index=index, seed=int(self.seed_pool[index]), eps=float(self.param_groups[0]["eps"])
+                seed_indices=indices,
+                seeds=[int(self.seed_pool[index]) for index in indices],
+                eps=float(self.param_groups[0]["eps"]),
             )
-        self._move_to(+1)
+        self.move_to_point(0)
+
+    def move_to_point(self, point: int) -> None:
+        """Move the weights of the pending step to its evaluation point `point` (see `points_per_micro_batch`)."""
+        if self.estimator == "two_point":
+            self._move_to(+1 if point == 0 else -1)
+        else:
+            self._move_to(0 if point == 0 else +1, direction=point - 1 if point else self._direction)
 
     def to_minus(self) -> None:
-        """Move the weights of the pending step to `w - eps z`, for the second forward of the pair."""
-        self._move_to(-1)
+        """Move the weights of a pending two-point step to `w - eps z`, for the second forward of the pair."""
+        self.move_to_point(1)
 
-    def _move_to(self, offset: int) -> None:
-        """Shift the weights from `w + self._offset * eps z` to `w + offset * eps z` in one pass."""
+    def _move_to(self, offset: int, direction: int | None = None) -> None:
+        """Shift the weights from `w + self._offset * eps z_(self._direction)` to `w + offset * eps z_direction`."""
+        pending = self._pending
+        direction = self._direction if direction is None else direction
+        if direction != self._direction and self._offset != 0:
+            self.engine.add_noise_(self.named_params, pending.seeds[self._direction], -self._offset * pending.eps)
+            self._offset = 0
+        self._direction = direction
         delta = offset - self._offset
         if delta != 0:
-            pending = self._pending
-            self.engine.add_noise_(self.named_params, pending.seed, delta * pending.eps)
+            self.engine.add_noise_(self.named_params, pending.seeds[direction], delta * pending.eps)
             self._offset = offset
 
-    def record_pair(self, loss_plus, loss_minus, *, scaled: bool) -> None:
-        """Record the losses at `w + eps z` and `w - eps z` of one micro-batch (`scaled`: fractions of the batch's
-        loss, as the Trainer's `num_items_in_batch` makes them, which are summed instead of averaged)."""
-        plus, minus = float(loss_plus), float(loss_minus)
-        self._pending.loss_diffs.append(plus - minus)
-        self._pending.loss_means.append(0.5 * (plus + minus))
+    def record_losses(self, losses, *, scaled: bool) -> None:
+        """Record the losses of one micro-batch at every evaluation point, in order (`scaled`: fractions of the
+        batch's loss, as the Trainer's `num_items_in_batch` makes them, which are summed instead of averaged)."""
+        values = [float(loss) for loss in losses]
+        if len(values) != self.points_per_micro_batch:
+            raise ValueError(f"Expected {self.points_per_micro_batch} losses for a micro-batch, got {len(values)}.")
+        self._pending.losses.append(values)
         self._pending.scaled = scaled
+
+    def record_pair(self, loss_plus, loss_minus, *, scaled: bool) -> None:
+        """Record the losses at `w + eps z` and `w - eps z` of one micro-batch of a two-point step."""
+        self.record_losses([loss_plus, loss_minus], scaled=scaled)
 
     def abort_pair(self) -> None:
         """Restore `w` and drop the pending step (a forward raised)."""
@@ -308,33 +359,55 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         # With `num_items_in_batch` the Trainer's micro-batch losses are already fractions of the batch loss
         # (sum them); otherwise the Trainer averages them over the accumulation steps (mean them).
         reduce = sum if pending.scaled else (lambda values: sum(values) / len(values))
-        loss_diff, loss = _all_reduce_losses(reduce(pending.loss_diffs), reduce(pending.loss_means), pending.scaled)
+        if self.estimator == "two_point":
+            loss_diff, loss = _all_reduce_losses(
+                [reduce([p - m for p, m in pending.losses]), reduce([0.5 * (p + m) for p, m in pending.losses])],
+                pending.scaled,
+            )
+            slopes = [projected_grad(loss_diff, pending.eps)] if math.isfinite(loss_diff) else None
+            spread = abs(loss_diff)
+        else:
+            points = _all_reduce_losses([reduce(column) for column in zip(*pending.losses)], pending.scaled)
+            loss, loss_diff = points[0], max(points[1:]) - min(points[1:])
+            slopes = normalized_one_sided(points)
+            spread = max(abs(value - points[0]) for value in points[1:])
         skipped = None
-        if not math.isfinite(loss_diff):
+        if slopes is None:
             self.num_skipped_nonfinite += 1
             skipped = "nonfinite"
-        elif self.grad_clip is not None and abs(loss_diff) > self.grad_clip:
+        elif self.grad_clip is not None and spread > self.grad_clip:
             self.num_skipped_clipped += 1
             skipped = "clipped"
-        grad = None
         if skipped is not None:
             self._move_to(0)  # restore only
         else:
-            grad = projected_grad(loss_diff, pending.eps)
-            # From w + o*eps*z to b*w - lr*g*z with b = 1 - lr*wd: one pass p <- b*p + (-b*o*eps - lr*g) z.
+            # From w + o*eps*z_cur to b*w - lr * sum_i s_i z_i, b = 1 - lr*wd: the current direction's pass carries
+            # the decay, p <- b*p + (-b*o*eps - lr*s_cur) z_cur; every other direction adds -lr*s_i z_i.
+            current = self._direction
             betas = [1.0 - lr * self._group_of[id(p)]["weight_decay"] for _, p in self.named_params]
-            alphas = [-b * self._offset * pending.eps - lr * grad for b in betas]
-            self.engine.add_noise_(self.named_params, pending.seed, alphas, betas)
-            self._offset = 0
-            self.accumulators[pending.seed_index] += lr * grad
+            alphas = [-b * self._offset * pending.eps - lr * slopes[current] for b in betas]
+            self.engine.add_noise_(self.named_params, pending.seeds[current], alphas, betas)
+            for index, slope in enumerate(slopes):
+                if index != current:
+                    self.engine.add_noise_(self.named_params, pending.seeds[index], -lr * slope)
+            self._offset, self._direction = 0, 0
+            for index, slope in zip(pending.seed_indices, slopes, strict=True):
+                self.accumulators[index] += lr * slope
         self._pending = None
+        directions = [
+            {"seed_index": index, "seed": seed, "projected_grad": None if skipped else slope}
+            for index, seed, slope in zip(
+                pending.seed_indices, pending.seeds, slopes or [None] * len(pending.seeds), strict=True
+            )
+        ]
         self.last_step = {
             "step": self.num_steps,
-            "seed_index": pending.seed_index,
-            "seed": pending.seed,
+            "seed_index": pending.seed_indices[0],
+            "seed": pending.seeds[0],
             "loss": loss,
             "loss_diff": loss_diff,
-            "projected_grad": grad,
+            "projected_grad": directions[0]["projected_grad"],
+            "directions": directions,
             "lr": lr,
             "skipped": skipped,
         }
@@ -348,6 +421,8 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         state["kseed"] = {
             "engine": self.engine.name,
             "engine_version": self.engine.version,
+            "estimator": self.estimator,
+            "directions": self.directions,
             "seed": self.seed,
             "seed_pool": self.seed_pool.clone(),
             "accumulators": self.accumulators.clone(),
@@ -372,6 +447,13 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"The state was saved with engine {kseed['engine']!r} v{kseed['engine_version']} but this optimizer "
                 f"uses {self.engine.name!r} v{self.engine.version}; pass `engine={kseed['engine']!r}`."
+            )
+        saved = (kseed.get("estimator", "two_point"), int(kseed.get("directions", 1)))
+        if saved != (self.estimator, self.directions):
+            raise ValueError(
+                f"The state was saved with estimator {saved[0]!r} over {saved[1]} direction(s) per step but this "
+                f"optimizer uses {self.estimator!r} over {self.directions}; pass `estimator={saved[0]!r}, "
+                f"directions={saved[1]}`."
             )
         if kseed["seed_pool"].numel() != self.num_seeds:
             raise ValueError(

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from .perturbation.hashing import splitmix64
 
-__all__ = ["SEED_POOL_HIGH", "SeedSampler", "make_seed_pool", "projected_grad", "validate_probabilities"]
+__all__ = [
+    "ESTIMATORS",
+    "SEED_POOL_HIGH",
+    "SeedSampler",
+    "check_estimator",
+    "make_seed_pool",
+    "normalized_one_sided",
+    "projected_grad",
+    "validate_probabilities",
+]
+
+# How a step turns forwards into a direction's coefficient: the paper's two-point estimate, or FZOO's batch of
+# one-sided estimates normalised by the spread of their losses.
+ESTIMATORS = ("two_point", "fzoo")
 
 # The official code draws candidate seeds with `np.random.randint(1, 100000000000, K)`; we keep its range.
 SEED_POOL_HIGH = 100_000_000_000
@@ -106,3 +120,46 @@ class SeedSampler:
 def projected_grad(loss_diff: float, eps: float) -> float:
     """The two-point estimate of the directional derivative: `(L(w + eps z) - L(w - eps z)) / (2 eps)`."""
     return loss_diff / (2.0 * eps)
+
+
+def check_estimator(estimator: str, directions: int) -> None:
+    """Check an estimator name and its number of directions per step.
+
+    Raises:
+        ValueError: for an unknown estimator, `two_point` with more than one direction, or `fzoo` with fewer than 2
+            (the spread of one loss is undefined).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Unknown ZO `estimator` {estimator!r}; choose one of {list(ESTIMATORS)}.")
+    if not isinstance(directions, int) or isinstance(directions, bool) or directions < 1:
+        raise ValueError(f"Invalid `directions`: {directions!r}; it must be a positive integer.")
+    if estimator == "two_point" and directions != 1:
+        raise ValueError(
+            f"`two_point` takes one direction per step, got {directions}; use `estimator='fzoo'` for several."
+        )
+    if estimator == "fzoo" and directions < 2:
+        raise ValueError(
+            f"`fzoo` needs at least 2 directions per step (it normalises by their losses' spread), got {directions}; "
+            "4 to 8 is typical."
+        )
+
+
+def normalized_one_sided(losses: Sequence[float]) -> list[float] | None:
+    """FZOO's per-direction slopes: `(L_i - L_0) / (N * std(L_1..L_N))` from `[L_0, L_1, ..., L_N]`.
+
+    `L_0` is the loss at `w`, `L_i` at `w + eps z_i`. The step is `w <- w - lr * sum_i slope_i * z_i`: dividing by
+    the spread of the perturbed losses (which is about `eps * |grad|`) makes it a normalised-SGD step whose size is
+    set by `lr` alone (Dang et al. 2025, FZOO, arXiv 2506.09034). The std is the sample std (N - 1).
+
+    Returns:
+        The N slopes, or None when they are undefined: a non-finite loss or losses without spread.
+    """
+    base, perturbed = float(losses[0]), [float(value) for value in losses[1:]]
+    count = len(perturbed)
+    if count < 2 or not all(map(math.isfinite, [base, *perturbed])):
+        return None
+    mean = sum(perturbed) / count
+    spread = math.sqrt(sum((value - mean) ** 2 for value in perturbed) / (count - 1))
+    if not spread > 0.0:
+        return None
+    return [(value - base) / (count * spread) for value in perturbed]

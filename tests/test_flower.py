@@ -164,12 +164,17 @@ def emulate(overrides: list[str]):
     return task, federated
 
 
+FZOO_SUBSET = ["--zo_estimator", "fzoo", "--zo_directions", "3", "--zo_tensor_fraction", "0.5"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pro", [False, True])
-def test_a_flower_simulation_ends_where_the_emulation_ends(tmp_path, pro):
+@pytest.mark.parametrize(
+    "pro, estimator", [(False, []), (True, []), (True, FZOO_SUBSET)], ids=["fedkseed", "pro", "pro-fzoo-subset"]
+)
+def test_a_flower_simulation_ends_where_the_emulation_ends(tmp_path, pro, estimator):
     from hf_fedkseed.flower.simulation import simulate
 
-    overrides = [*OVERRIDES, "--pro", str(pro).lower(), "--lr_scheduler_type", "linear"]
+    overrides = [*OVERRIDES, *estimator, "--pro", str(pro).lower(), "--lr_scheduler_type", "linear"]
     emulated_task, federated = emulate([*overrides, "--output_dir", str(tmp_path / "emulated")])
     flower_overrides = [*overrides, "--output_dir", str(tmp_path / "flower")]
     run = simulate(FlowerConfig(recipe=RECIPE, recipe_overrides=" ".join(flower_overrides), client_num_cpus=2))

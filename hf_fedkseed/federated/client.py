@@ -122,9 +122,14 @@ class KSeedClient:
         self._in_local = True
 
     def record_step(self, last_step: dict) -> None:
-        """Record one optimizer step (`KSeedZOOptimizer.last_step`); skipped steps moved nothing and are left out."""
+        """Record one optimizer step (`KSeedZOOptimizer.last_step`): one (seed index, g) pair per direction it took
+        (FZOO steps take several); skipped steps moved nothing and are left out."""
         if last_step.get("skipped") is None:
-            self.steps.append(LocalStep(last_step["seed_index"], float(last_step["projected_grad"]), last_step["lr"]))
+            directions = last_step.get("directions") or [last_step]
+            for direction in directions:
+                self.steps.append(
+                    LocalStep(direction["seed_index"], float(direction["projected_grad"]), last_step["lr"])
+                )
 
     def local_coefficients(self) -> torch.Tensor:
         """The accumulator change of the local steps so far: `sum lr_t g_t` per seed (float64, K)."""

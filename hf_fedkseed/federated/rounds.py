@@ -37,12 +37,15 @@ def make_server(config: FederatedConfig, num_clients: int, *, num_seeds: int, se
     )
 
 
-def seed_schedule(server: KSeedServer, config: FederatedConfig, round_index: int, client: int) -> torch.Tensor:
-    """The seed indices of a client's local steps: FedKSeed-Pro draws them from the server's distribution (and
-    the sync carries them), FedKSeed uniformly; both keyed by (seed, round, client)."""
+def seed_schedule(
+    server: KSeedServer, config: FederatedConfig, round_index: int, client: int, directions: int = 1
+) -> torch.Tensor:
+    """The seed indices of a client's local steps, `directions` per step (the optimizer's: FZOO takes several):
+    FedKSeed-Pro draws them from the server's distribution (and the sync carries them), FedKSeed uniformly; both
+    keyed by (seed, round, client)."""
     probabilities = server.probabilities() if config.pro else None
     return client_seed_schedule(
-        server.seed, round_index, client, config.local_steps, server.num_seeds, probabilities=probabilities
+        server.seed, round_index, client, config.local_steps * directions, server.num_seeds, probabilities=probabilities
     )
 
 

@@ -160,7 +160,8 @@ def run_round(
         if node_id is None:
             failed[client_id] = "no SuperNode holds this partition"
             continue
-        schedule = seed_schedule(server, config, round_index, client_id) if config.pro else None
+        directions = task.zo_args.zo_directions
+        schedule = seed_schedule(server, config, round_index, client_id, directions) if config.pro else None
         if sync_from == "start":
             syncs = chain.since(None, round_index, schedule)
         else:

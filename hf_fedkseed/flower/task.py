@@ -253,10 +253,12 @@ class FederatedTask:
                     f"{self.optimizer.num_seeds}; server and clients must run the same recipe (`num_seeds`)."
                 )
         final = syncs[-1]
-        if final.seed_schedule is not None and final.seed_schedule.numel() != self.federated.local_steps:
+        draws = self.federated.local_steps * self.zo_args.zo_directions
+        if final.seed_schedule is not None and final.seed_schedule.numel() != draws:
             raise ValueError(
                 f"The sync's seed schedule holds {final.seed_schedule.numel()} seed indices but a client takes "
-                f"local_steps={self.federated.local_steps} steps; the server must schedule exactly one per step."
+                f"local_steps={self.federated.local_steps} steps of zo_directions={self.zo_args.zo_directions}; the "
+                "server must schedule exactly one per direction (server and clients must run the same recipe)."
             )
         last_offset = self.total_steps - self.federated.local_steps
         if isinstance(step_offset, bool) or not isinstance(step_offset, int) or not 0 <= step_offset <= last_offset:
@@ -273,7 +275,7 @@ class FederatedTask:
         schedule = final.seed_schedule
         if schedule is None:
             schedule = client_seed_schedule(
-                self.training_args.seed, round_index, client_id, config.local_steps, optimizer.num_seeds
+                self.training_args.seed, round_index, client_id, draws, optimizer.num_seeds
             )
         optimizer.sampler.set_schedule(schedule)
         client.begin_local()

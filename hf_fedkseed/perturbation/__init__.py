@@ -5,7 +5,8 @@ The registry (`ENGINES`, `DEFAULT_ENGINE`, `get_engine`) and the public surface 
 - `base`: the `PerturbationEngine` interface and `canonical_name`;
 - `hashing`: the integer hashing behind every seed (`splitmix64`, `mix`, `name_key`, `to_int32`);
 - `generator`: engines on `torch.Generator` streams (`torch-chunked`, `torch-sequential`);
-- `counter`, `counter_rng`: the counter-based engines (`counter`, the default, and `counter-rademacher`).
+- `counter`, `counter_rng`: the counter-based engines (`counter`, the default, and `counter-rademacher`);
+- `subset`: `TensorSubsetEngine`, directions on a seed-chosen fraction of the tensors (`counter@tensors=0.25`).
 
 An engine's `name` and `version` pin down every z it produces; checkpoints and seed deltas record them.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from .base import PerturbationEngine, canonical_name
 from .counter import CounterEngine, RademacherCounterEngine
 from .generator import ChunkedGeneratorEngine, SequentialGeneratorEngine
+from .subset import TensorSubsetEngine, parse_subset_name
 
 __all__ = [
     "DEFAULT_ENGINE",
@@ -24,7 +26,9 @@ __all__ = [
     "PerturbationEngine",
     "RademacherCounterEngine",
     "SequentialGeneratorEngine",
+    "TensorSubsetEngine",
     "canonical_name",
+    "check_engine_name",
     "get_engine",
 ]
 
@@ -37,8 +41,25 @@ ENGINES: dict[str, type[PerturbationEngine]] = {
 DEFAULT_ENGINE = CounterEngine.name
 
 
+def check_engine_name(name: str) -> None:
+    """Check an engine name without building the engine: one of `ENGINES`, optionally with a `@tensors=<fraction>`
+    suffix (`TensorSubsetEngine`).
+
+    Raises:
+        ValueError: naming the valid spellings.
+    """
+    subset = parse_subset_name(name)
+    base = subset[0] if subset else name
+    if base not in ENGINES:
+        raise ValueError(
+            f"Unknown perturbation `engine` {name!r}; choose one of {sorted(ENGINES)}, optionally with a tensor "
+            "subset such as `counter@tensors=0.25`."
+        )
+
+
 def get_engine(engine: str | PerturbationEngine | None = None) -> PerturbationEngine:
-    """Return an engine instance from its name (see `ENGINES`) or pass an instance through.
+    """Return an engine instance from its name (see `ENGINES`; `<name>@tensors=<fraction>` wraps it in a
+    `TensorSubsetEngine`) or pass an instance through.
 
     Raises:
         ValueError: if the name is unknown.
@@ -47,7 +68,8 @@ def get_engine(engine: str | PerturbationEngine | None = None) -> PerturbationEn
         engine = DEFAULT_ENGINE
     if isinstance(engine, PerturbationEngine):
         return engine
-    try:
-        return ENGINES[engine]()
-    except KeyError:
-        raise ValueError(f"Unknown perturbation `engine` {engine!r}; choose one of {sorted(ENGINES)}.") from None
+    check_engine_name(engine)
+    subset = parse_subset_name(engine)
+    if subset is not None:
+        return TensorSubsetEngine(ENGINES[subset[0]](), subset[1])
+    return ENGINES[engine]()
