@@ -209,12 +209,15 @@ class ZOArguments:
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, positive=True, hint="or leave it unset")
         if self.engine is not None:
-            from .perturbation import check_engine_name
+            from .perturbation import ENGINES, check_engine_name
 
             try:
                 check_engine_name(self.engine)
-            except ValueError as error:
-                raise ValueError(f"Invalid `engine`: {error}") from None
+            except ValueError:
+                raise ValueError(
+                    f"Invalid `engine`: {self.engine!r}; choose one of {sorted(ENGINES)} or leave it unset (a tensor "
+                    "subset is `zo_tensor_fraction`, or `<engine>@tensors=<fraction>`)."
+                ) from None
         from .zo import check_estimator
 
         check_estimator(self.zo_estimator, self.zo_directions)

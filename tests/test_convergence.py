@@ -45,3 +45,5 @@ def test_quick_profile_runs_every_method_and_reports_the_targets(convergence, tm
     assert summary["fzoo"]["bytes_per_client_per_round"] > summary["fedkseed"]["bytes_per_client_per_round"]
     assert summary["fedkseed"]["forward_passes_to_target_ratio"] is not None
     assert out.with_suffix(".png").stat().st_size > 10_000
+    table = out.with_suffix(".md").read_text()
+    assert all(convergence.LABELS[name] in table for name in methods) and "forward passes to target" in table

@@ -283,7 +283,7 @@ def fake_task(local_steps: int = 4, total_steps: int = 40, num_seeds: int = 16):
     return SimpleNamespace(
         model=object(),
         partition=SimpleNamespace(num_clients=3),
-        optimizer=SimpleNamespace(num_seeds=num_seeds),
+        optimizer=SimpleNamespace(num_seeds=num_seeds, directions=1),
         federated=SimpleNamespace(local_steps=local_steps),
         total_steps=total_steps,
     )

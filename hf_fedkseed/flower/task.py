@@ -253,12 +253,13 @@ class FederatedTask:
                     f"{self.optimizer.num_seeds}; server and clients must run the same recipe (`num_seeds`)."
                 )
         final = syncs[-1]
-        draws = self.federated.local_steps * self.zo_args.zo_directions
+        directions = self.optimizer.directions
+        draws = self.federated.local_steps * directions
         if final.seed_schedule is not None and final.seed_schedule.numel() != draws:
             raise ValueError(
                 f"The sync's seed schedule holds {final.seed_schedule.numel()} seed indices but a client takes "
-                f"local_steps={self.federated.local_steps} steps of zo_directions={self.zo_args.zo_directions}; the "
-                "server must schedule exactly one per direction (server and clients must run the same recipe)."
+                f"local_steps={self.federated.local_steps} steps of {directions} direction(s); the server must "
+                "schedule exactly one per step and direction (server and clients must run the same recipe)."
             )
         last_offset = self.total_steps - self.federated.local_steps
         if isinstance(step_offset, bool) or not isinstance(step_offset, int) or not 0 <= step_offset <= last_offset:
