@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import platform
+import statistics
 
 
 def cpu_name() -> str:
@@ -29,3 +31,10 @@ def seeded_llama(seed: int, **config):
     with torch.random.fork_rng(devices=[]):  # transformers initialises weights from the global RNG
         torch.manual_seed(seed)
         return LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (std 0 for one value, NaN for none)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_name
+from _common import cpu_name, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
@@ -127,10 +127,6 @@ def child(spec: dict) -> None:
         "seconds": time.perf_counter() - started,
     }
     (output / "convergence_run.json").write_text(json.dumps(row))
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(runs: list[dict]) -> dict:

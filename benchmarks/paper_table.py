@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name
+from _common import cpu_name, mean_std
 
 # torch and transformers are imported only inside the child runs (and in --in-process mode): the parent spawns one
 # fresh interpreter per run, so each run's `ru_maxrss` is its own peak, not the parent's (see zo_step.py).
@@ -395,12 +395,6 @@ def estimate_seconds(specs: list[dict[str, Any]], args: argparse.Namespace, *, e
 
 
 # ---------------------------------------------------------------------------------------------- report
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def rouge_keys(metric: str) -> tuple[str, str]:
     """The result fields of Rouge-L before and after tuning for `--metric`."""
     return (

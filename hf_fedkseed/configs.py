@@ -208,11 +208,12 @@ class ZOArguments:
         _check_int("num_seeds", self.num_seeds, low=1, hint="K, e.g. 4096")
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, positive=True, hint="or leave it unset")
+        named_fraction = None
         if self.engine is not None:
             from .perturbation import ENGINES, check_engine_name
 
             try:
-                check_engine_name(self.engine)
+                named_fraction = check_engine_name(self.engine)[1]
             except ValueError:
                 raise ValueError(
                     f"Invalid `engine`: {self.engine!r}; choose one of {sorted(ENGINES)} or leave it unset (a tensor "
@@ -230,7 +231,7 @@ class ZOArguments:
                 f"Invalid `zo_tensor_fraction`: {self.zo_tensor_fraction!r}; give a fraction in (0, 1], e.g. 0.25, "
                 "or 1.0 to perturb every tensor."
             )
-        if self.zo_tensor_fraction < 1.0 and self.engine is not None and "@tensors=" in self.engine:
+        if self.zo_tensor_fraction < 1.0 and named_fraction is not None:
             raise ValueError(
                 f"`engine` {self.engine!r} already names a tensor fraction; drop `zo_tensor_fraction` or the suffix."
             )
@@ -241,8 +242,9 @@ class ZOArguments:
         if self.zo_tensor_fraction >= 1.0:
             return self.engine
         from .perturbation import DEFAULT_ENGINE
+        from .perturbation.subset import subset_name
 
-        return f"{self.engine or DEFAULT_ENGINE}@tensors={self.zo_tensor_fraction:g}"
+        return subset_name(self.engine or DEFAULT_ENGINE, self.zo_tensor_fraction)
 
 
 class RecipeError(ValueError):

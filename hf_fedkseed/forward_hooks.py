@@ -223,8 +223,7 @@ class ZOForwardHooks:
             self.optimizer.abort_pair()
             raise
         self._leave_contexts()
-        # the loss the Trainer logs: the mean of the pair (two-point), the loss at w (FZOO)
-        loss = 0.5 * (losses[0] + losses[1]) if self.optimizer.estimator == "two_point" else losses[0]
+        loss = self.optimizer.reported_loss(losses)  # what the Trainer logs
         if torch.is_grad_enabled():
             # `accelerator.backward(loss)` needs a graph; give it one through a scalar leaf, not the weights.
             if self._zero_leaf is None or self._zero_leaf.device != loss.device:

@@ -292,6 +292,11 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         """Forwards per micro-batch: 2 for the two-point estimate, `directions + 1` for FZOO."""
         return 2 if self.estimator == "two_point" else self.directions + 1
 
+    def reported_loss(self, losses):
+        """The loss a step reports from the losses at its evaluation points (floats or tensors): the pair's mean for
+        the two-point estimate, the loss at `w` for FZOO."""
+        return 0.5 * (losses[0] + losses[1]) if self.estimator == "two_point" else losses[0]
+
     def begin_pair(self) -> None:
         """Start (or continue) the pending step and move the weights to its first evaluation point."""
         if self._pending is None:
@@ -361,14 +366,14 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         reduce = sum if pending.scaled else (lambda values: sum(values) / len(values))
         if self.estimator == "two_point":
             loss_diff, loss = _all_reduce_losses(
-                [reduce([p - m for p, m in pending.losses]), reduce([0.5 * (p + m) for p, m in pending.losses])],
+                [reduce([p - m for p, m in pending.losses]), reduce([self.reported_loss(point_losses) for point_losses in pending.losses])],
                 pending.scaled,
             )
             slopes = [projected_grad(loss_diff, pending.eps)] if math.isfinite(loss_diff) else None
             spread = abs(loss_diff)
         else:
             points = _all_reduce_losses([reduce(column) for column in zip(*pending.losses)], pending.scaled)
-            loss, loss_diff = points[0], max(points[1:]) - min(points[1:])
+            loss, loss_diff = self.reported_loss(points), max(points[1:]) - min(points[1:])
             slopes = normalized_one_sided(points)
             spread = max(abs(value - points[0]) for value in points[1:])
         skipped = None

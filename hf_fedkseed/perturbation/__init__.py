@@ -41,20 +41,23 @@ ENGINES: dict[str, type[PerturbationEngine]] = {
 DEFAULT_ENGINE = CounterEngine.name
 
 
-def check_engine_name(name: str) -> None:
+def check_engine_name(name: str) -> tuple[str, float | None]:
     """Check an engine name without building the engine: one of `ENGINES`, optionally with a `@tensors=<fraction>`
     suffix (`TensorSubsetEngine`).
+
+    Returns:
+        The base engine's name and the tensor fraction (None without the suffix).
 
     Raises:
         ValueError: naming the valid spellings.
     """
-    subset = parse_subset_name(name)
-    base = subset[0] if subset else name
+    base, fraction = parse_subset_name(name) or (name, None)
     if base not in ENGINES:
         raise ValueError(
             f"Unknown perturbation `engine` {name!r}; choose one of {sorted(ENGINES)}, optionally with a tensor "
             "subset such as `counter@tensors=0.25`."
         )
+    return base, fraction
 
 
 def get_engine(engine: str | PerturbationEngine | None = None) -> PerturbationEngine:
@@ -68,8 +71,5 @@ def get_engine(engine: str | PerturbationEngine | None = None) -> PerturbationEn
         engine = DEFAULT_ENGINE
     if isinstance(engine, PerturbationEngine):
         return engine
-    check_engine_name(engine)
-    subset = parse_subset_name(engine)
-    if subset is not None:
-        return TensorSubsetEngine(ENGINES[subset[0]](), subset[1])
-    return ENGINES[engine]()
+    base, fraction = check_engine_name(engine)
+    return ENGINES[base]() if fraction is None else TensorSubsetEngine(ENGINES[base](), fraction)

@@ -9,11 +9,17 @@ import torch
 from .base import NamedTensors, PerturbationEngine, _per_param
 from .hashing import MASK64, mix, name_key
 
-__all__ = ["SUBSET_SEPARATOR", "TensorSubsetEngine", "parse_subset_name"]
+__all__ = ["SUBSET_SEPARATOR", "TensorSubsetEngine", "parse_subset_name", "subset_name"]
 
 SUBSET_SEPARATOR = "@tensors="
 _SUBSET_SALT = 0x5B5E7A11
 _NAME = re.compile(r"^(?P<inner>[^@]+)@tensors=(?P<fraction>[0-9.eE+-]+)$")
+
+
+def subset_name(inner: str, fraction: float) -> str:
+    """The engine name of `inner` restricted to a tensor `fraction`: `subset_name("counter", 0.25)` is
+    `"counter@tensors=0.25"` (what `parse_subset_name` reads back)."""
+    return f"{inner}{SUBSET_SEPARATOR}{float(fraction):g}"
 
 
 def parse_subset_name(name: str) -> tuple[str, float] | None:
@@ -72,7 +78,7 @@ class TensorSubsetEngine(PerturbationEngine):
             raise ValueError("A tensor-subset engine cannot wrap another one; give it the base engine.")
         self.inner = inner
         self.fraction = float(fraction)
-        self.name = f"{inner.name}{SUBSET_SEPARATOR}{self.fraction:g}"
+        self.name = subset_name(inner.name, self.fraction)
         self.version = inner.version
         self.device_independent = getattr(inner, "device_independent", False)
         self._threshold = min(MASK64, int(self.fraction * 2.0**64))
@@ -94,18 +100,6 @@ class TensorSubsetEngine(PerturbationEngine):
             self.inner.add_noise_(
                 [params[i] for i in picked], seed, [alphas[i] for i in picked], [betas[i] for i in picked]
             )
-
-    @torch.no_grad()
-    def replay_(self, params: NamedTensors, seeds, coefficients) -> int:
-        applied = 0
-        for seed, coefficient in zip(seeds, coefficients, strict=True):
-            coefficient = float(coefficient)
-            if coefficient != 0.0:
-                subset = [(name, p) for name, p in params if self.chosen(int(seed), name)]
-                if subset:
-                    self.inner.add_noise_(subset, int(seed), coefficient)
-                applied += 1
-        return applied
 
     def scratch_bytes(self, params: NamedTensors) -> int:
         return self.inner.scratch_bytes(params)
