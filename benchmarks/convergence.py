@@ -53,10 +53,12 @@ FZOO_STEP = ["--zo_estimator", "fzoo", "--zo_directions", "4"]
 # every method names its whole estimator, whatever the recipe sets
 METHODS = {
     "fedkseed": dict(points=2, overrides=[*PAPER_STEP, "--learning_rate", "1e-5"]),
-    "tensor_subset": dict(points=2, overrides=[*PAPER_STEP[:4], "--zo_tensor_fraction", "0.25", "--learning_rate", "6e-5"]),
+    "tensor_subset": dict(
+        points=2, overrides=[*PAPER_STEP[:4], "--zo_tensor_fraction", "0.25", "--learning_rate", "6e-5"]
+    ),
     "fzoo": dict(points=5, overrides=[*FZOO_STEP, "--zo_tensor_fraction", "1.0", "--learning_rate", "6e-3"]),
     "fzoo_subset": dict(points=5, overrides=[*FZOO_STEP, "--zo_tensor_fraction", "0.25", "--learning_rate", "1e-2"]),
-}  # fmt: skip
+}
 DEFAULT_METHODS = ("fedkseed", "tensor_subset", "fzoo")
 BASELINE = "fedkseed"
 PROFILES = {
@@ -84,9 +86,19 @@ def run_args(method: str, profile: dict, seed: int, output: Path) -> list[str]:
     overrides += profile["extra"]
     return [
         *overrides,
-        "--rounds", str(profile["rounds"]), "--local_steps", str(local_steps), "--eval_every_rounds", "1",
-        "--seed", str(seed), "--output_dir", str(output), "--save_strategy", "no",
-    ]  # fmt: skip
+        "--rounds",
+        str(profile["rounds"]),
+        "--local_steps",
+        str(local_steps),
+        "--eval_every_rounds",
+        "1",
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(output),
+        "--save_strategy",
+        "no",
+    ]
 
 
 def child(spec: dict) -> None:
@@ -179,7 +191,9 @@ def summarize(runs: list[dict]) -> dict:
         entry["bytes_ratio_vs_fedkseed"] = entry["bytes_per_client_per_round"] / base["bytes_per_client_per_round"]
         entry["peak_rss_ratio_vs_fedkseed"] = entry["peak_rss_mib"] / base["peak_rss_mib"]
         margin = entry["final_rougeL_mean"] - target
-        entry["final_above_fedkseed_by_more_than_std"] = margin > max(entry["final_rougeL_std"], base["final_rougeL_std"])
+        entry["final_above_fedkseed_by_more_than_std"] = margin > max(
+            entry["final_rougeL_std"], base["final_rougeL_std"]
+        )
     new = {name: entry for name, entry in methods.items() if name != BASELINE}
     reaching = {n: e for n, e in new.items() if e["forward_passes_to_target_ratio"] is not None}
     best = (
@@ -190,9 +204,11 @@ def summarize(runs: list[dict]) -> dict:
     return {
         "target_rougeL": target,
         "best_new_method": best,
-        "forward_passes_to_target_ratio_vs_fedkseed": None if best is None else methods[best]["forward_passes_to_target_ratio"],
+        "forward_passes_to_target_ratio_vs_fedkseed": None
+        if best is None
+        else methods[best]["forward_passes_to_target_ratio"],
         "methods": methods,
-    }  # fmt: skip
+    }
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -201,17 +217,28 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes_spec = [("forward_passes", "forward passes (all clients)"), ("train_seconds", "train seconds"),
-                 ("bytes_per_client", "cumulative bytes per client")]  # fmt: skip
+    axes_spec = [
+        ("forward_passes", "forward passes (all clients)"),
+        ("train_seconds", "train seconds"),
+        ("bytes_per_client", "cumulative bytes per client"),
+    ]
     figure, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    for name, entry in summary["methods"].items():
+    for entry in summary["methods"].values():
         curve = entry["curve"]
         for axis, (key, label) in zip(axes, axes_spec, strict=False):
-            axis.errorbar([p[key] for p in curve], [100 * p["rougeL"] for p in curve],
-                          yerr=[100 * p["rougeL_std"] for p in curve], label=entry["label"], marker="o", capsize=2)  # fmt: skip
+            axis.errorbar(
+                [p[key] for p in curve],
+                [100 * p["rougeL"] for p in curve],
+                yerr=[100 * p["rougeL_std"] for p in curve],
+                label=entry["label"],
+                marker="o",
+                capsize=2,
+            )
             axis.set_xlabel(label)
             axis.set_ylabel("held-out Rouge-L")
-        axes[3].plot([p["forward_passes"] for p in curve], [p["eval_loss"] for p in curve], marker="o", label=entry["label"])
+        axes[3].plot(
+            [p["forward_passes"] for p in curve], [p["eval_loss"] for p in curve], marker="o", label=entry["label"]
+        )
     axes[3].set_xlabel("forward passes (all clients)")
     axes[3].set_ylabel("held-out loss")
     if "target_rougeL" in summary:
@@ -297,8 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*run_args(method, profile, seed, output), *extra]
             if method in learning_rates:
                 overrides += ["--learning_rate", learning_rates[method]]
-            spec = dict(method=method, seed=seed, recipe=profile["recipe"], points=METHODS[method]["points"],
-                        args=overrides, output=str(output))  # fmt: skip
+            spec = dict(
+                method=method,
+                seed=seed,
+                recipe=profile["recipe"],
+                points=METHODS[method]["points"],
+                args=overrides,
+                output=str(output),
+            )
             jobs.append(spec)
     env = dict(os.environ, OMP_NUM_THREADS="1") if args.parallel > 1 else dict(os.environ)
     runs, running = [], []
@@ -307,11 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         if process.wait() != 0:
             log = Path(spec["output"]) / "run.log"
             sys.stderr.write(log.read_text(errors="replace")[-8000:])
-            raise SystemExit(f"the {spec['method']} run (seed {spec['seed']}) failed; its output is in {spec['output']}")
+            raise SystemExit(
+                f"the {spec['method']} run (seed {spec['seed']}) failed; its output is in {spec['output']}"
+            )
         runs.append(json.loads((Path(spec["output"]) / "convergence_run.json").read_text()))
         last = runs[-1]["curve"][-1]
-        print(f"{spec['method']} seed {spec['seed']}: Rouge-L {100 * last['rougeL']:.2f}, loss {last['eval_loss']:.3f}, "
-              f"{runs[-1]['seconds']:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"{spec['method']} seed {spec['seed']}: Rouge-L {100 * last['rougeL']:.2f}, loss {last['eval_loss']:.3f}, "
+            f"{runs[-1]['seconds']:.0f} s",
+            flush=True,
+        )
 
     for spec in jobs:
         if len(running) >= args.parallel:
@@ -344,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for method, entry in summary["methods"].items():
         ratio = entry.get("forward_passes_to_target_ratio")
-        print(f"{method:14s} final Rouge-L {100 * entry['final_rougeL_mean']:.2f} +- {100 * entry['final_rougeL_std']:.2f}"
-              f"  loss {entry['final_eval_loss_mean']:.3f}  to target: {ratio if ratio is None else round(ratio, 3)}"
-              f"  bytes/client/round {entry['bytes_per_client_per_round']:.0f}")  # fmt: skip
+        print(
+            f"{method:14s} final Rouge-L {100 * entry['final_rougeL_mean']:.2f}"
+            f" +- {100 * entry['final_rougeL_std']:.2f}"
+            f"  loss {entry['final_eval_loss_mean']:.3f}  to target: {ratio if ratio is None else round(ratio, 3)}"
+            f"  bytes/client/round {entry['bytes_per_client_per_round']:.0f}"
+        )
     json_path = args.json or output_dir / "convergence.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")

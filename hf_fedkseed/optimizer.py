@@ -366,13 +366,17 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         reduce = sum if pending.scaled else (lambda values: sum(values) / len(values))
         if self.estimator == "two_point":
             loss_diff, loss = _all_reduce_losses(
-                [reduce([p - m for p, m in pending.losses]), reduce([self.reported_loss(point_losses) for point_losses in pending.losses])],
+                [
+                    reduce([p - m for p, m in pending.losses]),
+                    reduce([self.reported_loss(point_losses) for point_losses in pending.losses]),
+                ],
                 pending.scaled,
             )
             slopes = [projected_grad(loss_diff, pending.eps)] if math.isfinite(loss_diff) else None
             spread = abs(loss_diff)
         else:
-            points = _all_reduce_losses([reduce(column) for column in zip(*pending.losses)], pending.scaled)
+            columns = zip(*pending.losses, strict=True)  # one column per evaluation point
+            points = _all_reduce_losses([reduce(column) for column in columns], pending.scaled)
             loss, loss_diff = self.reported_loss(points), max(points[1:]) - min(points[1:])
             slopes = normalized_one_sided(points)
             spread = max(abs(value - points[0]) for value in points[1:])

@@ -55,7 +55,9 @@ def args(tmp_path, max_steps: int, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def run(tmp_path, federated_config: FederatedConfig, *, model=None, resume=None, optimizer_factory=None, **arg_overrides):
+def run(
+    tmp_path, federated_config: FederatedConfig, *, model=None, resume=None, optimizer_factory=None, **arg_overrides
+):
     model = tiny_llama() if model is None else model
     if optimizer_factory is None:
         optimizer = KSeedZOOptimizer(model, lr=2e-3, eps=1e-3, num_seeds=32, seed=7)

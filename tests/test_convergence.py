@@ -25,7 +25,10 @@ def convergence(monkeypatch):
 def test_quick_profile_runs_every_method_and_reports_the_targets(convergence, tmp_path):
     out = tmp_path / "conv.json"
     methods = ["fedkseed", "tensor_subset", "fzoo", "fzoo_subset"]
-    assert convergence.main(["--quick", "--methods", *methods, "--output-dir", str(tmp_path / "runs"), "--json", str(out)]) == 0
+    assert (
+        convergence.main(["--quick", "--methods", *methods, "--output-dir", str(tmp_path / "runs"), "--json", str(out)])
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["best_new_method"] in methods[1:]
     summary = report["methods"]

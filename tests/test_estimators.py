@@ -57,7 +57,7 @@ def test_subset_replay_equals_the_steps_it_replays_and_decay_reaches_untouched_t
     "name", ["counter@tensors=0", "counter@tensors=1.5", "counter@tensors=x", "nope@tensors=0.5", "counter@layers=1"]
 )
 def test_a_bad_subset_engine_name_is_refused_with_the_spelling(name):
-    with pytest.raises(ValueError, match="tensors=|Unknown perturbation"):
+    with pytest.raises(ValueError, match=r"tensors=|Unknown perturbation"):
         get_engine(name)
 
 
@@ -174,7 +174,9 @@ def test_fzoo_resume_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
 # ---------------------------------------------------------------------------------------------- recipes
 def test_recipe_fields_build_the_engine_and_refuse_what_cannot_run():
     assert ZOArguments(zo_tensor_fraction=0.25).engine_name == "counter@tensors=0.25"
-    assert ZOArguments(engine="counter-rademacher", zo_tensor_fraction=0.5).engine_name == "counter-rademacher@tensors=0.5"
+    assert (
+        ZOArguments(engine="counter-rademacher", zo_tensor_fraction=0.5).engine_name == "counter-rademacher@tensors=0.5"
+    )
     assert ZOArguments().engine_name is None
     with pytest.raises(ValueError, match="zo_tensor_fraction"):
         ZOArguments(zo_tensor_fraction=0.0)

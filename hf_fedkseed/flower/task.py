@@ -275,9 +275,7 @@ class FederatedTask:
         optimizer.accumulators = client.synced.clone()
         schedule = final.seed_schedule
         if schedule is None:
-            schedule = client_seed_schedule(
-                self.training_args.seed, round_index, client_id, draws, optimizer.num_seeds
-            )
+            schedule = client_seed_schedule(self.training_args.seed, round_index, client_id, draws, optimizer.num_seeds)
         optimizer.sampler.set_schedule(schedule)
         client.begin_local()
         recorder = _LocalStepRecorder(client, optimizer)
