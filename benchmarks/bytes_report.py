@@ -8,6 +8,7 @@ import torch
 
 from hf_fedkseed.federated import SyncMessage, UpdateMessage
 from hf_fedkseed.federated.server import pro_probabilities
+from hf_fedkseed.federated.sync_message import sync_value_dtype
 
 __all__ = ["message_bytes_report"]
 
@@ -20,6 +21,7 @@ def message_bytes_report(
     pro_encoding: Literal["schedule", "log_uint8", "float32"] = "schedule",
     constant_lr: bool = True,
     changed_seeds: int | None = None,
+    sync_precision: Literal["float32", "int8"] = "float32",
     seed: int = 0,
 ) -> dict[str, int]:
     """Encode a realistic round for one client and return the real encoded sizes in bytes.
@@ -34,23 +36,27 @@ def message_bytes_report(
         pro_encoding: "schedule" (tau server-drawn seed indices), "log_uint8" or "float32" probabilities.
         constant_lr: one learning rate for the round (else a decaying rate per step, sent per step with Pro).
         changed_seeds: if set, the client synced before and this many accumulators changed since; the sync then
-            takes the smaller of the full and the sparse form.
+            takes the smaller of the full and the sparse form (float32 only: an int8 sync is always full).
+        sync_precision: the accumulators' wire type, "float32" (the paper's) or "int8" (a scale and K codes).
         seed: seeds the private generator.
 
     Returns:
         `{"down": SyncMessage bytes, "up": UpdateMessage bytes, "total": their sum}`.
 
     Raises:
-        ValueError: for an unknown `pro_encoding` or a negative count.
+        ValueError: for an unknown `pro_encoding` or `sync_precision`, or a negative count.
 
     Example:
         >>> message_bytes_report(4096, 200)
         {'down': 16414, 'up': 1230, 'total': 17644}
+        >>> message_bytes_report(4096, 200, sync_precision="int8")
+        {'down': 4130, 'up': 1230, 'total': 5360}
     """
     if pro_encoding not in ("schedule", "log_uint8", "float32"):
         raise ValueError(f"Invalid `pro_encoding`: {pro_encoding!r}; choose 'schedule', 'log_uint8' or 'float32'.")
     if num_steps < 0 or (changed_seeds is not None and not 0 <= changed_seeds <= num_seeds):
         raise ValueError("`num_steps` must be >= 0 and `changed_seeds` in [0, num_seeds].")
+    value_dtype = sync_value_dtype(sync_precision)
     generator = torch.Generator().manual_seed(seed)
     accumulators = torch.randn(num_seeds, generator=generator, dtype=torch.float64) * 1e-4
     extras: dict = {}
@@ -66,7 +72,12 @@ def message_bytes_report(
     if changed_seeds is not None:
         changed = torch.randperm(num_seeds, generator=generator)[:changed_seeds]
     sync = SyncMessage.build(
-        server_round=1, accumulators=accumulators, changed_indices=changed, base_round=0, **extras
+        server_round=1,
+        accumulators=accumulators,
+        changed_indices=changed,
+        base_round=0,
+        value_dtype=value_dtype,
+        **extras,
     ).encode()
     if pro and pro_encoding == "schedule":
         seed_indices = extras["seed_schedule"]

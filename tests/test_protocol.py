@@ -74,6 +74,15 @@ def sync_variants(num_seeds: int) -> dict[str, SyncMessage]:
             **sparse, seed_probabilities=probs, probability_encoding="log_uint8", seed_schedule=schedule
         ),
         "empty_sparse": SyncMessage.build(**{**sparse, "changed_indices": []}),
+        "int8": SyncMessage.build(**full, value_dtype=torch.int8),
+        "int8_everything": SyncMessage.build(
+            **full,
+            value_dtype=torch.int8,
+            seed_probabilities=probs,
+            probability_encoding="log_uint8",
+            seed_schedule=schedule,
+        ),
+        "int8_zero": SyncMessage.build(**{**full, "accumulators": torch.zeros(num_seeds)}, value_dtype=torch.int8),
     }
 
 
@@ -155,6 +164,7 @@ def test_encoded_lengths_use_the_narrowest_index_type(num_seeds):
     assert len(syncs["sparse"].encode()) == HEADER + changed * (width + 4) + CRC
     assert len(syncs["schedule"].encode()) == HEADER + 4 * num_seeds + 37 * width + CRC
     assert len(syncs["probabilities_float32"].encode()) == HEADER + 8 * num_seeds + CRC
+    assert len(syncs["int8"].encode()) == HEADER + 4 + num_seeds + CRC  # one float32 scale, one byte per seed
 
 
 # ---- byte budgets at K = 4096, tau = 200 -----------------------------------------------------------------------
@@ -496,7 +506,7 @@ def test_sync_construction_errors(message_bytes_report):
         SyncMessage(**common, accumulator_values=[1.0], accumulator_indices=[3, 4], base_round=0)
     with pytest.raises(ProtocolError, match="`accumulator_values` holds a non-finite value"):
         SyncMessage(**common, accumulator_values=torch.full((16,), float("inf")))
-    with pytest.raises(ProtocolError, match=r"`value_dtype` must be torch\.float32 or torch\.float64"):
+    with pytest.raises(ProtocolError, match=r"`value_dtype` must be torch\.float32, torch\.float64 or torch\.int8"):
         SyncMessage(**common, accumulator_values=zeros, value_dtype=torch.float16)
     with pytest.raises(ProtocolError, match="has 15 entries; it needs one per seed"):
         SyncMessage(**common, accumulator_values=zeros, seed_probabilities=torch.ones(15))

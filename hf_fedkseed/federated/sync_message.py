@@ -11,9 +11,13 @@ import torch
 
 from .codecs import (
     PROBABILITY_ENCODINGS,
+    SYNC_PRECISIONS,
+    _check_int8_codes,
     _check_log_codes,
     _dequantise_log_probabilities,
     _quantise_log_probabilities,
+    dequantise_int8,
+    quantise_int8,
 )
 from .wire import (
     _FLOAT32,
@@ -34,9 +38,10 @@ from .wire import (
     seed_index_dtype,
 )
 
-__all__ = ["SYNC_ENCODINGS", "SyncMessage"]
+__all__ = ["SYNC_ENCODINGS", "SyncMessage", "sync_value_dtype"]
 
 SYNC_ENCODINGS = ("auto", "full", "sparse")
+_VALUE_DTYPES = (torch.float32, torch.float64, torch.int8)
 
 # SyncMessage flags
 _SYNC_SPARSE = 0x01  # accumulator values come with their indices (new values of the changed entries only)
@@ -44,14 +49,31 @@ _SYNC_FLOAT64 = 0x02  # accumulator values are float64 instead of float32
 _SYNC_PROBABILITIES = 0x04  # K seed probabilities follow the accumulators
 _SYNC_LOG_UINT8 = 0x08  # ... encoded as a float32 log step and K uint8 codes instead of K float32
 _SYNC_SCHEDULE = 0x10  # the client's seed indices for its local steps follow
-_SYNC_FLAGS = _SYNC_SPARSE | _SYNC_FLOAT64 | _SYNC_PROBABILITIES | _SYNC_LOG_UINT8 | _SYNC_SCHEDULE
+_SYNC_INT8 = 0x20  # full form only: the accumulators travel as one float32 scale and K int8 codes
+_SYNC_FLAGS = _SYNC_SPARSE | _SYNC_FLOAT64 | _SYNC_PROBABILITIES | _SYNC_LOG_UINT8 | _SYNC_SCHEDULE | _SYNC_INT8
+
+
+def sync_value_dtype(precision: str) -> torch.dtype:
+    """The `SyncMessage` value dtype of a `FederatedConfig.sync_precision`: torch.float32 or torch.int8.
+
+    Raises:
+        ValueError: for a precision not in `SYNC_PRECISIONS`.
+
+    Example:
+        >>> SyncMessage.build(server_round=0, accumulators=acc, value_dtype=sync_value_dtype("int8"))
+    """
+    if precision not in SYNC_PRECISIONS:
+        raise ValueError(f"Invalid `sync_precision`: {precision!r}; choose one of {SYNC_PRECISIONS}.")
+    return torch.int8 if precision == "int8" else torch.float32
 
 
 def _sync_length(flags: int, num_seeds: int, num_entries: int, num_scheduled: int) -> int:
     """The exact encoded length of a SyncMessage, from the fields its header announces."""
     index_size = seed_index_dtype(num_seeds).itemsize
-    value_size = 8 if flags & _SYNC_FLOAT64 else 4
+    value_size = 1 if flags & _SYNC_INT8 else 8 if flags & _SYNC_FLOAT64 else 4
     payload = num_entries * value_size + num_scheduled * index_size
+    if flags & _SYNC_INT8:
+        payload += _FLOAT32.size  # the scale
     if flags & _SYNC_SPARSE:
         payload += num_entries * index_size
     if flags & _SYNC_PROBABILITIES:
@@ -65,7 +87,8 @@ class SyncMessage:
     """Server -> client: the accumulators the client's model is built from, and optional FedKSeed-Pro data.
 
     The client's model after the sync is `w0 - sum_j A_j z_j` with `A = message.apply_to(cached_accumulators)`.
-    The constructor rounds every value to its wire type, so the message holds exactly what the client will decode.
+    The constructor rounds every value to its wire type (int8: quantises them), so the message holds exactly what
+    the client will decode.
 
     Args:
         server_round: the round this sync opens (uint32).
@@ -74,7 +97,9 @@ class SyncMessage:
         accumulator_indices: None for the full form; for the sparse form the ascending seed indices whose
             accumulators changed since the client's sync at `base_round` (the values replace, not add).
         base_round: the round of the client's last sync that a sparse message builds on; None for the full form.
-        value_dtype: the wire type of the accumulators, torch.float32 (default, 4 bytes each) or torch.float64.
+        value_dtype: the wire type of the accumulators: torch.float32 (default, 4 bytes each), torch.float64, or
+            torch.int8 (full form only: one float32 scale and one int8 code per seed, `quantise_int8`; the message
+            holds the dequantised values `codes * scale`, within `scale / 2` of the values given).
         seed_probabilities: FedKSeed-Pro sampling distribution over the K seeds (non-negative, finite, not all
             zero), or None.
         probability_encoding: "float32" (4 bytes per seed, float32 rounding) or "log_uint8" (1 byte per seed,
@@ -110,10 +135,22 @@ class SyncMessage:
         set_field = object.__setattr__  # the dataclass is frozen; normalise the fields once, here
         _set_uint32(self, "server_round", owner)
         num_seeds = _set_uint32(self, "num_seeds", owner, minimum=1)
-        if self.value_dtype not in (torch.float32, torch.float64):
-            raise ProtocolError(f"{owner} `value_dtype` must be torch.float32 or torch.float64, got {self.value_dtype}")
-        values = _check_values(self.accumulator_values, "accumulator_values", owner, self.value_dtype)
+        if self.value_dtype not in _VALUE_DTYPES:
+            raise ProtocolError(
+                f"{owner} `value_dtype` must be torch.float32, torch.float64 or torch.int8, got {self.value_dtype}"
+            )
+        int8 = self.value_dtype == torch.int8
+        values = _check_values(
+            self.accumulator_values, "accumulator_values", owner, torch.float64 if int8 else self.value_dtype
+        )
+        wire_values = None
+        if int8:
+            if self.accumulator_indices is not None:
+                raise ProtocolError(f"{owner} with int8 accumulators is full form only; a sparse sync sends float32")
+            wire_values = quantise_int8(values.numpy())
+            values = torch.from_numpy(dequantise_int8(*wire_values))
         set_field(self, "accumulator_values", values)
+        set_field(self, "_wire_values", wire_values)
         if self.accumulator_indices is None:
             if values.numel() != num_seeds:
                 raise ProtocolError(
@@ -188,11 +225,12 @@ class SyncMessage:
                 `base_round`); None when the client has no usable copy.
             base_round: the round of the client's last sync; without it the full form is sent.
             encoding: "auto" takes the sparse form when `changed_indices` is given and it is smaller, "full" always
-                sends K values, "sparse" always sends the changed ones.
+                sends K values, "sparse" always sends the changed ones. int8 values always take the full form.
             value_dtype, seed_probabilities, probability_encoding, seed_schedule: as in `SyncMessage`.
 
         Raises:
-            ValueError: for an unknown `encoding`, or "sparse" without `changed_indices` and `base_round`.
+            ValueError: for an unknown `encoding`, "sparse" without `changed_indices` and `base_round`, or "sparse"
+                with int8 values.
             ProtocolError: for values the message cannot carry (see `SyncMessage`).
 
         Example:
@@ -205,6 +243,8 @@ class SyncMessage:
         num_seeds = accumulators.numel()
         if encoding == "sparse" and (changed_indices is None or base_round is None):
             raise ValueError("`encoding='sparse'` needs `changed_indices` and `base_round` (the client's last sync).")
+        if encoding == "sparse" and value_dtype == torch.int8:
+            raise ValueError("int8 accumulators travel in the full form only; use `encoding='full'` or float32.")
         common = dict(
             server_round=server_round,
             num_seeds=num_seeds,
@@ -213,7 +253,8 @@ class SyncMessage:
             probability_encoding=probability_encoding,
             seed_schedule=seed_schedule,
         )
-        if encoding != "full" and changed_indices is not None and base_round is not None:
+        sparse_allowed = value_dtype != torch.int8
+        if encoding != "full" and sparse_allowed and changed_indices is not None and base_round is not None:
             changed = _check_indices(changed_indices, "changed_indices", "SyncMessage.build", max(num_seeds, 1))
             changed = torch.unique(changed)  # sorted, no repeats
             flags = _SYNC_FLOAT64 if value_dtype == torch.float64 else 0
@@ -237,6 +278,8 @@ class SyncMessage:
         self, accumulators: torch.Tensor | Sequence[float] | None, *, client_round: int | None = None
     ) -> torch.Tensor:
         """The client's accumulators after this sync, as a new float64 tensor of the values the server sent.
+
+        For int8 values these are the dequantised `codes * scale`, exactly `KSeedServer.published_accumulators()`.
 
         Args:
             accumulators: the client's cached K accumulators (from its sync at `base_round`); ignored, and may be
@@ -276,6 +319,8 @@ class SyncMessage:
             flags |= _SYNC_SPARSE
         if self.value_dtype == torch.float64:
             flags |= _SYNC_FLOAT64
+        if self.value_dtype == torch.int8:
+            flags |= _SYNC_INT8
         if self.seed_probabilities is not None:
             flags |= _SYNC_PROBABILITIES
             if self.probability_encoding == "log_uint8":
@@ -295,7 +340,11 @@ class SyncMessage:
         parts: list[bytes] = []
         if self.accumulator_indices is not None:
             parts.append(_index_bytes(self.accumulator_indices, self.num_seeds))
-        parts.append(_float_bytes(self.accumulator_values, "<f8" if flags & _SYNC_FLOAT64 else "<f4"))
+        if self._wire_values is not None:
+            scale, codes = self._wire_values
+            parts += [_FLOAT32.pack(scale), codes.tobytes()]
+        else:
+            parts.append(_float_bytes(self.accumulator_values, "<f8" if flags & _SYNC_FLOAT64 else "<f4"))
         if self.seed_probabilities is not None:
             if self._wire_probabilities is not None:
                 step, codes = self._wire_probabilities
@@ -323,6 +372,8 @@ class SyncMessage:
         flags, num_seeds, server_round, base_round, num_entries, num_scheduled = header
         if flags & _SYNC_LOG_UINT8 and not flags & _SYNC_PROBABILITIES:
             raise ProtocolError("SyncMessage flags say log_uint8 probabilities but carry no probabilities")
+        if flags & _SYNC_INT8 and flags & (_SYNC_SPARSE | _SYNC_FLOAT64):
+            raise ProtocolError("SyncMessage flags say int8 accumulators and sparse or float64 ones; int8 is full only")
         if num_seeds == 0:
             raise ProtocolError("SyncMessage has K = 0; the seed pool holds at least one seed")
         sparse = bool(flags & _SYNC_SPARSE)
@@ -333,7 +384,14 @@ class SyncMessage:
         reader = _payload_reader(data, _sync_length(flags, num_seeds, num_entries, num_scheduled), "SyncMessage")
         index_dtype = seed_index_dtype(num_seeds)
         indices = reader.array(index_dtype, num_entries).astype(np.int64) if sparse else None
-        values = reader.array("<f8" if flags & _SYNC_FLOAT64 else "<f4", num_entries)
+        value_dtype, wire_values = torch.float64 if flags & _SYNC_FLOAT64 else torch.float32, None
+        if flags & _SYNC_INT8:
+            value_dtype = torch.int8
+            wire_values = reader.float32(), reader.array("<i1", num_entries)
+            _check_int8_codes(*wire_values)
+            values = dequantise_int8(*wire_values)
+        else:
+            values = reader.array("<f8" if flags & _SYNC_FLOAT64 else "<f4", num_entries)
         probabilities, encoding, wire = None, "float32", None
         if flags & _SYNC_PROBABILITIES:
             if flags & _SYNC_LOG_UINT8:
@@ -350,11 +408,18 @@ class SyncMessage:
             accumulator_values=torch.from_numpy(values),
             accumulator_indices=None if indices is None else torch.from_numpy(indices),
             base_round=base_round if sparse else None,
-            value_dtype=torch.float64 if flags & _SYNC_FLOAT64 else torch.float32,
+            value_dtype=value_dtype,
             seed_probabilities=None if probabilities is None else torch.from_numpy(probabilities),
             probability_encoding=encoding,
             seed_schedule=None if schedule is None else torch.from_numpy(schedule),
         )
+        if wire_values is not None:
+            scale, codes = message._wire_values
+            if scale != wire_values[0] or not np.array_equal(codes, wire_values[1]):
+                raise ProtocolError(
+                    "SyncMessage int8 accumulators are not in canonical form (the scale must be "
+                    "float32(max|A| / 127), 0 only for all-zero codes)"
+                )
         if wire is not None:
             step, codes = message._wire_probabilities
             if step != wire[0] or not np.array_equal(codes, wire[1]):
