@@ -248,6 +248,7 @@ def run_summary(model_args, data_args, zo_args, federated_config, training_args,
             participation=federated_config.client_fraction,
             partition=federated_config.partition,
             pro=pro,
+            sync_precision=getattr(federated_config, "sync_precision", "float32"),
         )
     if training_args is not None:
         summary.update(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 
 import torch
 
@@ -13,7 +13,7 @@ from .federated.client import KSeedClient
 from .federated.config import METHODS, FederatedConfig
 from .federated.partition import Partition
 from .federated.protocol import SyncMessage
-from .federated.rounds import decode_update, make_server, round_record, seed_schedule
+from .federated.rounds import decode_update, full_sync, make_server, round_record, seed_schedule
 from .federated.schedule import build_partition
 from .federated.server import KSeedServer
 from .optimizer import KSeedZOOptimizer
@@ -169,9 +169,8 @@ class FederatedCallback(FederatedRoundsCallback):
         )
 
     def _sync(self, round_index: int, schedule: torch.Tensor | None = None) -> SyncMessage:
-        return SyncMessage.build(
-            server_round=round_index, accumulators=self.server.accumulators, encoding="full", seed_schedule=schedule
-        )
+        # What clients receive: the server's published accumulators at the recipe's `sync_precision`.
+        return full_sync(self.server, round_index, schedule)
 
     # ------------------------------------------------------------------ state (saved inside the optimizer's)
     def state_dict(self) -> dict:
@@ -184,7 +183,11 @@ class FederatedCallback(FederatedRoundsCallback):
     def load_state_dict(self, state: dict) -> None:
         saved = json.loads(state["config"])
         current = json.loads(json.dumps(asdict(self.config), default=str))
-        changed = sorted(key for key in current if key != "rounds" and saved.get(key) != current[key])
+        # A field added after the checkpoint was written (sync_precision) took its default in that run.
+        defaults = {f.name: f.default for f in fields(self.config) if f.default is not MISSING}
+        changed = sorted(
+            key for key in current if key != "rounds" and saved.get(key, defaults.get(key)) != current[key]
+        )
         if changed:
             raise ValueError(
                 f"The checkpoint was trained with another federated setting ({', '.join(changed)} differ); resume "

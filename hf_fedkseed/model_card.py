@@ -218,6 +218,7 @@ def render_model_card(
         num_seeds=summary.get("num_seeds"),
         zo_eps=summary.get("zo_eps"),
         pro=bool(summary.get("pro")),
+        sync_precision=summary.get("sync_precision") or "float32",
         learning_rate=summary.get("learning_rate"),
         lr_scheduler_type=summary.get("lr_scheduler_type"),
         batch_size=batch_size,

@@ -67,6 +67,12 @@ def test_help_is_fast_because_nothing_heavy_is_imported():
         ),
         ("", ["--bogus", "1"], "unknown option(s): --bogus; see `hf-fedkseed train --help`"),
         ("client_fraction: 0.5\n", [], "Set exactly one of `clients_per_round` and `client_fraction`."),
+        (
+            "sync_precision: int4\n",
+            [],
+            "argument --sync_precision/--sync-precision: invalid choice: 'int4' (choose from 'float32', 'int8')",
+        ),
+        ("method: fedavg\n", ["--sync_precision", "int8"], "`method: fedavg` sends no accumulators"),
     ],
 )
 def test_train_usage_errors_exit_2_with_one_message(tmp_path, capsys, extra_yaml, flags, message):

@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from hf_fedkseed.cli import main
 from hf_fedkseed.federated.protocol import SyncMessage, UpdateMessage
+from hf_fedkseed.federated.rounds import SyncChain
 from hf_fedkseed.flower.client_app import handle_query, handle_train
 from hf_fedkseed.flower.server_app import run_round
 from hf_fedkseed.flower.task import FederatedTask, FlowerConfig
@@ -164,17 +165,46 @@ def emulate(overrides: list[str]):
     return task, federated
 
 
+def test_int8_rounds_over_flower_messages_end_where_the_emulation_ends(tmp_path, identity):
+    """`sync_precision: int8` over the ServerApp's round (the real handlers, no network): each node gets one full
+    int8 sync per round it lacks, and the run ends with the emulation's accumulators and weights bit for bit."""
+    overrides = [*OVERRIDES, "--pro", "true", "--sync_precision", "int8"]
+    emulated_task, federated = emulate([*overrides, "--output_dir", str(tmp_path / "emulated")])
+    task = FederatedTask(RECIPE, [*overrides, "--output_dir", str(tmp_path / "flower")])
+    server = task.make_server()
+    assert server.sync_precision == "int8"
+    nodes = {client_id: 100 + client_id for client_id in range(task.partition.num_clients)}
+    chain = SyncChain(server.num_seeds, server.sync_precision)
+    full_int8 = 26 + 4 + 64 + 3 + 4  # header, scale, K = 64 codes, 3 scheduled uint8 indices, CRC
+    for round_index, emulated in enumerate(federated.history):
+        record = run_round(FakeGrid(task, {}), task, server, nodes, round_index, timeout=5.0, chain=chain)
+        for key in ("clients", "accepted", "bytes_up", "seeds_touched"):  # FakeGrid replies no real losses
+            assert emulated[key] == record[key], key
+        assert record["bytes_down"] == record["bytes_down_full"] == emulated["bytes_down"] == 3 * full_int8
+    assert torch.equal(server.accumulators, federated.server.accumulators)
+    chain.open_round(len(federated.history), server.published_accumulators())
+    for sync in chain.since(task.client.synced_round, len(federated.history)):
+        assert sync.value_dtype == torch.int8 and not sync.is_sparse
+        task.client.catch_up(SyncMessage.decode(sync.encode()))
+    assert torch.equal(task.client.synced, server.published_accumulators())
+    for a, b in zip(task.model.parameters(), emulated_task.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 FZOO_SUBSET = ["--zo_estimator", "fzoo", "--zo_directions", "3", "--zo_tensor_fraction", "0.5"]
+INT8 = ["--sync_precision", "int8"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "pro, estimator", [(False, []), (True, []), (True, FZOO_SUBSET)], ids=["fedkseed", "pro", "pro-fzoo-subset"]
+    "pro, extra",
+    [(False, []), (True, []), (True, FZOO_SUBSET), (True, INT8)],
+    ids=["fedkseed", "pro", "pro-fzoo-subset", "pro-int8"],
 )
-def test_a_flower_simulation_ends_where_the_emulation_ends(tmp_path, pro, estimator):
+def test_a_flower_simulation_ends_where_the_emulation_ends(tmp_path, pro, extra):
     from hf_fedkseed.flower.simulation import simulate
 
-    overrides = [*OVERRIDES, *estimator, "--pro", str(pro).lower(), "--lr_scheduler_type", "linear"]
+    overrides = [*OVERRIDES, *extra, "--pro", str(pro).lower(), "--lr_scheduler_type", "linear"]
     emulated_task, federated = emulate([*overrides, "--output_dir", str(tmp_path / "emulated")])
     flower_overrides = [*overrides, "--output_dir", str(tmp_path / "flower")]
     run = simulate(FlowerConfig(recipe=RECIPE, recipe_overrides=" ".join(flower_overrides), client_num_cpus=2))

@@ -13,8 +13,9 @@ from .config import FederatedConfig
 from .protocol import SyncMessage, UpdateMessage
 from .schedule import client_seed_schedule, resolve_clients_per_round
 from .server import AggregationResult, KSeedServer
+from .sync_message import sync_value_dtype
 
-__all__ = ["RoundLog", "SyncChain", "decode_update", "make_server", "round_record", "seed_schedule"]
+__all__ = ["RoundLog", "SyncChain", "decode_update", "full_sync", "make_server", "round_record", "seed_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,23 @@ def make_server(config: FederatedConfig, num_clients: int, *, num_seeds: int, se
         pro=config.pro,
         pro_clip=config.pro_clip,
         max_abs_scalar=config.max_abs_scalar,
+        sync_precision=config.sync_precision,
+    )
+
+
+def full_sync(server: KSeedServer, round_index: int, schedule: torch.Tensor | None = None) -> SyncMessage:
+    """The paper's sync of a round: all K accumulators clients receive (`server.published_accumulators()`) at the
+    server's `sync_precision` (float32, or int8: one scale and K codes), with the Pro seed schedule if given.
+
+    Example:
+        >>> payload = full_sync(server, round_index, schedule).encode()  # 4,530 bytes at K=4096, tau=200, int8
+    """
+    return SyncMessage.build(
+        server_round=round_index,
+        accumulators=server.published_accumulators(),
+        encoding="full",
+        value_dtype=sync_value_dtype(server.sync_precision),
+        seed_schedule=schedule,
     )
 
 
@@ -58,24 +76,30 @@ class SyncChain:
     `SyncMessage` each, and replays them in order, so its float arithmetic, and therefore its weights, equal the
     emulation's. A node never seen (or one that lost its state) starts from `w0` and receives every round's change.
 
+    With `sync_precision="int8"` every published accumulator moves whenever the largest one does (the scale
+    changes), so a sparse message would not be smaller: the chain then holds one full int8 message per round
+    (`full_sync`'s form, K bytes + 34), and the node still replays the rounds in order, as the emulation does.
+
     The server keeps the accumulators at the start of every round (K float64 each).
 
     Example:
-        >>> chain = SyncChain(num_seeds=4096)
-        >>> chain.open_round(0, server.accumulators)
+        >>> chain = SyncChain(num_seeds=4096, sync_precision=server.sync_precision)
+        >>> chain.open_round(0, server.published_accumulators())
         >>> messages = chain.for_client(client_id=3, round_index=0, seed_schedule=schedule)
     """
 
-    def __init__(self, num_seeds: int):
+    def __init__(self, num_seeds: int, sync_precision: str = "float32"):
         self.num_seeds = num_seeds
+        self.value_dtype = sync_value_dtype(sync_precision)
         self.starts: list[torch.Tensor] = []  # the accumulators at the start of each round, as the wire rounds them
         self.synced: dict[int, int] = {}  # client id -> the round of its last sync
 
     def open_round(self, round_index: int, accumulators: torch.Tensor) -> None:
-        """Record the accumulators a round starts from (call once per round, in order)."""
+        """Record the accumulators a round starts from (call once per round, in order), at the wire's precision."""
         if round_index != len(self.starts):
             raise ValueError(f"Round {round_index} opened after {len(self.starts)} rounds; open them in order.")
-        self.starts.append(SyncMessage.build(server_round=round_index, accumulators=accumulators).apply_to(None))
+        sync = SyncMessage.build(server_round=round_index, accumulators=accumulators, value_dtype=self.value_dtype)
+        self.starts.append(sync.apply_to(None))
 
     def for_client(self, client_id: int, round_index: int, seed_schedule: torch.Tensor | None = None):
         """The sparse syncs of rounds `last sync + 1 .. round_index` (one empty sync when there is none to send);
@@ -83,8 +107,16 @@ class SyncChain:
         return self.since(self.synced.get(client_id), round_index, seed_schedule)
 
     def since(self, last: int | None, round_index: int, seed_schedule: torch.Tensor | None = None):
-        """The sparse syncs from a model synced at round `last` (None: at `w0`) to round `round_index`."""
+        """The sparse syncs from a model synced at round `last` (None: at `w0`) to round `round_index` (int8: full)."""
         first = 1 if last is None else last + 1
+        if self.value_dtype == torch.int8:  # self-contained messages; re-quantising published values is exact
+            opened = range(first, round_index + 1) or [round_index]
+            messages = [
+                SyncMessage.build(server_round=r, accumulators=self.starts[r], value_dtype=torch.int8) for r in opened
+            ]
+            if seed_schedule is not None:
+                messages[-1] = replace(messages[-1], seed_schedule=seed_schedule)
+            return messages
         messages = []
         for opened in range(first, round_index + 1):
             before, after = self.starts[opened - 1], self.starts[opened]

@@ -25,6 +25,7 @@ from .aggregation import (
     round_weights,
     screen,
 )
+from .codecs import SYNC_PRECISIONS, dequantise_int8, quantise_int8
 from .pro import DEFAULT_PRO_CLIP, DEFAULT_PRO_GRAD_INITIAL, add_pro_statistics, pro_importance, pro_probabilities
 from .updates import (
     SANITY_MAX_ABS_ACCUMULATOR,
@@ -129,6 +130,8 @@ class KSeedServer:
             over the seen gradients (0 for a seed never seen).
         max_abs_scalar: if set, an update with any `|scalar|` above it is rejected: an absolute bound on top of
             the scale-free screening and of `SANITY_MAX_ABS_SCALAR`, which always apply.
+        sync_precision: what clients receive, `published_accumulators()`: "float32" (the paper's) or "int8" (one
+            scale and K int8 codes, quantised afresh from the exact `accumulators` every round).
 
     Raises:
         ValueError: for an argument out of range or of the wrong type, naming the argument.
@@ -153,6 +156,7 @@ class KSeedServer:
         pro_clip: float = DEFAULT_PRO_CLIP,
         pro_grad_initial: float | None = DEFAULT_PRO_GRAD_INITIAL,
         max_abs_scalar: float | None = None,
+        sync_precision: str = "float32",
     ):
         if not _is_int(num_clients) or num_clients < 1:
             raise ValueError(f"Invalid `num_clients`: {num_clients!r}; it must be an integer >= 1.")
@@ -173,6 +177,8 @@ class KSeedServer:
             _is_real(max_abs_scalar) and math.isfinite(max_abs_scalar) and max_abs_scalar > 0
         ):
             raise ValueError(f"Invalid `max_abs_scalar`: {max_abs_scalar!r}; use None or a finite number > 0.")
+        if sync_precision not in SYNC_PRECISIONS:
+            raise ValueError(f"Invalid `sync_precision`: {sync_precision!r}; choose one of {SYNC_PRECISIONS}.")
 
         self.num_clients = int(num_clients)
         self.seed = int(seed)
@@ -183,6 +189,7 @@ class KSeedServer:
         self.pro_clip = float(pro_clip)
         self.pro_grad_initial = None if pro_grad_initial is None else float(pro_grad_initial)
         self.max_abs_scalar = None if max_abs_scalar is None else float(max_abs_scalar)
+        self.sync_precision = sync_precision
         self.seed_pool = make_seed_pool(num_seeds, self.seed)
         self.accumulators = torch.zeros(num_seeds, dtype=torch.float64)
         # FedKSeed-Pro statistics: per seed, how many scalar gradients were seen and the sum of their |clip(g)|.
@@ -386,6 +393,17 @@ class KSeedServer:
         return pro_probabilities(self.importance())
 
     # ------------------------------------------------------------------ the model
+    def published_accumulators(self) -> torch.Tensor:
+        """The accumulators clients receive and build their model from (float64): `accumulators` at the wire's
+        precision. "float32": their float32 rounding; "int8": `dequantise_int8(*quantise_int8(accumulators))`.
+
+        `accumulators` stays the exact sum of every accepted contribution and each call quantises it afresh, so one
+        round's quantisation error is never carried into the next (error feedback: nothing is lost over rounds).
+        """
+        if self.sync_precision == "int8":
+            return torch.from_numpy(dequantise_int8(*quantise_int8(self.accumulators.numpy())))
+        return self.accumulators.to(torch.float32).to(torch.float64)
+
     def model_coefficients(self) -> torch.Tensor:
         """The coefficients `-A` to replay on `w0`: the global model is `w0 + sum_j coefficients[j] z_j`."""
         return -self.accumulators

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..federated.protocol import ProtocolError, SyncMessage
-from ..federated.rounds import RoundLog, SyncChain, decode_update, round_record, seed_schedule
+from ..federated.rounds import RoundLog, SyncChain, decode_update, full_sync, round_record, seed_schedule
 from ..federated.server import ClientUpdate, KSeedServer
 from .task import (
     METRICS_RECORD,
@@ -39,8 +39,9 @@ def message_wire_bytes(message) -> int | None:
 class FlowerRun:
     """What a ServerApp run leaves behind: the server, the final syncs and one record per round.
 
-    `final_sync` carries the final accumulators (the paper's form); `final_syncs` moves `w0` to the final model round
-    by round, the rule every runtime follows, so it rebuilds the emulation's model bit for bit.
+    `final_sync` carries the final accumulators (the paper's form, at the recipe's `sync_precision`); `final_syncs`
+    moves `w0` to the final model round by round, the rule every runtime follows, so it rebuilds the emulation's
+    model bit for bit.
 
     Example:
         >>> run = FlowerRun()
@@ -137,7 +138,9 @@ def run_round(
     round 0 (with `sync_from="start"` every node's syncs start there: nodes that share a process, as in the local
     simulation, skip what their process holds); the server state only ever changes through `KSeedServer.aggregate`,
     which validates every update again.
-    `bytes_down_full` is what the paper's full syncs (K accumulators each) would have sent instead.
+    `bytes_down_full` is what the paper's full syncs (K accumulators each) would have sent instead. With
+    `sync_precision: int8` each of a node's syncs is a full int8 message (K bytes + 34, see `SyncChain`): one per
+    round when the node was selected in the round before.
     """
     from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -146,9 +149,9 @@ def run_round(
     if chain is None:  # a first round on its own: every node starts at w0
         if round_index != 0:
             raise ValueError(f"Round {round_index} needs the run's SyncChain (`chain=`): it knows what nodes hold.")
-        chain = SyncChain(server.num_seeds)
+        chain = SyncChain(server.num_seeds, server.sync_precision)
     if len(chain.starts) == round_index:
-        chain.open_round(round_index, server.accumulators)
+        chain.open_round(round_index, server.published_accumulators())
     selected = server.select_clients(round_index)
     bytes_down = bytes_down_full = flower_down = 0
     full_bytes = None
@@ -178,8 +181,7 @@ def run_round(
         client_of_node[node_id] = client_id
         bytes_down += sum(len(payload) for payload in payloads)
         if full_bytes is None:  # every selected client's full sync has the same length: encode one
-            full = SyncMessage.build(server_round=round_index, accumulators=server.accumulators, seed_schedule=schedule)
-            full_bytes = len(full.encode())
+            full_bytes = len(full_sync(server, round_index, schedule).encode())
         bytes_down_full += full_bytes
         flower_down += message_wire_bytes(message) or 0
 
@@ -262,7 +264,7 @@ def run_server(grid, context, settings: FlowerConfig | None = None, run: FlowerR
     output_dir = Path(task.training_args.output_dir)
     log = RoundLog(output_dir / "rounds.jsonl")
     log.restore()
-    chain = SyncChain(server.num_seeds)
+    chain = SyncChain(server.num_seeds, server.sync_precision)
     for round_index in range(task.federated.rounds):
         entry = run_round(
             grid,
@@ -287,8 +289,8 @@ def run_server(grid, context, settings: FlowerConfig | None = None, run: FlowerR
             entry["seconds"],
         )
     rounds = task.federated.rounds
-    run.final_sync = SyncMessage.build(server_round=rounds, accumulators=server.accumulators, encoding="full")
-    chain.open_round(rounds, server.accumulators)
+    run.final_sync = full_sync(server, rounds)
+    chain.open_round(rounds, server.published_accumulators())
     run.final_syncs = chain.since(None, rounds)
     from safetensors.torch import save_file
 
