@@ -195,4 +195,5 @@ class FederatedCallback(FederatedRoundsCallback):
             )
         self.server.load_state_dict(state["server"])
         self.client.load_state_dict(state["client"])
+        self.client.engine = self.optimizer.engine  # an older checkpoint's engine version, if the optimizer took it
         self.optimizer.accumulators = self.client.synced.clone()

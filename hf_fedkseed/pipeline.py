@@ -70,6 +70,7 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
     from .callback import FederatedCallback
     from .configs import RecipeError
     from .federated.schedule import build_partition, resolve_clients_per_round
+    from .perturbation import get_engine
 
     started = time.perf_counter()
     # Everything a recipe can get wrong is checked before the model loads: the output directory, the checkpoint to
@@ -96,6 +97,9 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             output_dir.rmdir()
         raise
     model = load_model(model_args, seed=training_args.seed, vocab_size=len(tokenizer))
+    if getattr(federated_config, "method", None) not in BASELINE_METHODS:
+        # the ZO kernel compiles in a child process while the base model is evaluated (a cold cache costs minutes)
+        get_engine(zo_args.engine_name).prewarm([(n, p) for n, p in model.named_parameters() if p.requires_grad])
 
     evaluation = HeldOutEvaluation(
         model,

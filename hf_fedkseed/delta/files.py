@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..perturbation import PerturbationEngine, canonical_name, get_engine
+from ..perturbation import PerturbationEngine, canonical_name, check_engine_name, get_engine
 from ..version import __version__
 
 __all__ = [
@@ -89,7 +89,7 @@ class KSeedDelta:
 
     @property
     def engine(self) -> PerturbationEngine:
-        return get_engine(self.config["engine"])
+        return get_engine(self.config["engine"], version=self.config["engine_version"])
 
 
 def save_kseed_delta(
@@ -342,18 +342,20 @@ def load_kseed_delta(
             "K scalars do not describe the model, so it cannot be applied. Use the merged model instead."
         )
     try:
-        engine = get_engine(config["engine"])
+        check_engine_name(config["engine"])
     except ValueError:
         raise ValueError(
             f"The delta was made with perturbation engine {config['engine']!r}, which this hf_fedkseed does not know; "
             "upgrade hf_fedkseed (or install the version that wrote it)."
         ) from None
-    if engine.version != config["engine_version"]:
+    try:
+        get_engine(config["engine"], version=config["engine_version"])
+    except ValueError as error:
         raise ValueError(
-            f"The delta was made with engine {config['engine']!r} version {config['engine_version']}, but this "
-            f"hf_fedkseed has version {engine.version}: its z would differ. Install the hf_fedkseed version that "
-            "wrote the delta (see `hf_fedkseed_version` in the config), or use the merged model."
-        )
+            f"The delta was made with engine {config['engine']!r} version {config['engine_version']}, which this "
+            f"hf_fedkseed cannot replay ({error}) Install the hf_fedkseed version that wrote it (see "
+            "`hf_fedkseed_version` in the config), or use the merged model."
+        ) from None
     if not delta_path.is_file():
         raise ValueError(f"{delta_path} is missing; the KSeed delta needs both {KSEED_CONFIG_NAME} and it.")
     data = delta_path.read_bytes()

@@ -60,16 +60,30 @@ def check_engine_name(name: str) -> tuple[str, float | None]:
     return base, fraction
 
 
-def get_engine(engine: str | PerturbationEngine | None = None) -> PerturbationEngine:
+def get_engine(engine: str | PerturbationEngine | None = None, version: int | None = None) -> PerturbationEngine:
     """Return an engine instance from its name (see `ENGINES`; `<name>@tensors=<fraction>` wraps it in a
     `TensorSubsetEngine`) or pass an instance through.
 
+    Args:
+        engine: a name, an instance, or None for `DEFAULT_ENGINE`.
+        version: the engine version to build (what a checkpoint or a delta recorded); None for the newest.
+
     Raises:
-        ValueError: if the name is unknown.
+        ValueError: if the name is unknown, or the engine has no such version (naming the versions it has).
     """
     if engine is None:
         engine = DEFAULT_ENGINE
     if isinstance(engine, PerturbationEngine):
+        if version is not None and engine.version != version:
+            raise ValueError(f"{engine!r} is not version {version}.")
         return engine
     base, fraction = check_engine_name(engine)
-    return ENGINES[base]() if fraction is None else TensorSubsetEngine(ENGINES[base](), fraction)
+    cls = ENGINES[base]
+    known = getattr(cls, "VERSIONS", (cls.version,))
+    if version is not None and version not in known:
+        raise ValueError(
+            f"The perturbation engine {base!r} has no version {version}; this hf_fedkseed knows {list(known)}. "
+            "Install the hf_fedkseed version that wrote the file (its `hf_fedkseed_version`)."
+        )
+    inner = cls() if version is None or version == cls.version else cls(version=version)
+    return inner if fraction is None else TensorSubsetEngine(inner, fraction)

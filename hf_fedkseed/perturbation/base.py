@@ -82,5 +82,13 @@ class PerturbationEngine(ABC):
         """Upper bound on the temporary memory one call of `add_noise_` allocates for these parameters."""
         return 0
 
+    def prewarm(self, params: NamedTensors) -> bool:
+        """Start any one-time preparation for these parameters (a kernel compilation) in the background.
+
+        Returns:
+            True if something was started; the base engine needs nothing.
+        """
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version})"

@@ -35,14 +35,18 @@ class CounterEngine(PerturbationEngine):
     Compiling costs tens of seconds on first use (per device type and dtype; Inductor caches the result on disk),
     so by default (`compile=None`, or `HF_FEDKSEED_COMPILE=auto`) the kernels are compiled only for parameter sets
     of at least `compile_threshold` elements, where generation time matters; smaller models run the same function
-    eagerly. On CPU the eager and compiled values agree to 1e-6 (measured max 4.8e-7 over 3M values): exact
-    agreement between two parties holds for the same model on the same device type, as for every engine.
+    eagerly; `prewarm(params)` (which `KSeedZOOptimizer` calls) starts a large model's compilation in a child
+    process. On CPU the eager and compiled values are bit-identical (version 2): exact agreement between two parties
+    holds for the same model on the same device type, as for every engine.
 
     Args:
         chunk_size: the most elements one kernel call covers; bounds the temporaries of the eager fallback.
         compile: `True` always compiles, `False` never; `None` (default) reads `HF_FEDKSEED_COMPILE`
             (`auto` | `1` | `0`, default `auto`).
         compile_threshold: with auto compilation, the smallest number of elements compiled.
+        version: the z function's version (`VERSIONS`; default the newest). Version 2 takes the Box-Muller square
+            root in float64, so CPU's eager and compiled kernels agree bit for bit; version 1 (the platform's
+            float32 root, eager values 1 ulp off in places) replays checkpoints and deltas recorded with it.
 
     Example:
         >>> engine = CounterEngine()
@@ -53,10 +57,23 @@ class CounterEngine(PerturbationEngine):
     """
 
     name = "counter"
-    version = 1
+    VERSIONS = (1, 2)
+    version = 2
     distribution = "gaussian"
 
-    def __init__(self, chunk_size: int = 1 << 24, compile: bool | None = None, compile_threshold: int = 1 << 22):
+    def __init__(
+        self,
+        chunk_size: int = 1 << 24,
+        compile: bool | None = None,
+        compile_threshold: int = 1 << 22,
+        version: int | None = None,
+    ):
+        if version is not None:
+            if version not in self.VERSIONS:
+                raise ValueError(
+                    f"Engine {self.name!r} has no version {version!r}; this hf_fedkseed knows {list(self.VERSIONS)}."
+                )
+            self.version = version
         if chunk_size <= 0:
             raise ValueError(f"Invalid `chunk_size`: {chunk_size}; it must be a positive number of elements.")
         if compile is None:
@@ -67,7 +84,8 @@ class CounterEngine(PerturbationEngine):
         self.chunk_size = chunk_size
         self.compile = compile
         self.compile_threshold = compile_threshold
-        self._kernels = {flag: CounterKernels.get(self.distribution, flag) for flag in (False, True)}
+        sampler = self.distribution if self.version == max(self.VERSIONS) else f"{self.distribution}/v{self.version}"
+        self._kernels = {flag: CounterKernels.get(sampler, flag) for flag in (False, True)}
         self.eager_batch = 1 << 20  # elements (times seeds, in a replay) evaluated together on the eager path
 
     def kernels_for(self, params: NamedTensors):
@@ -75,6 +93,18 @@ class CounterEngine(PerturbationEngine):
         if self.compile is None:
             return self._kernels[sum(p.numel() for _, p in params) >= self.compile_threshold]
         return self._kernels[self.compile]
+
+    def prewarm(self, params: NamedTensors) -> bool:
+        """Start compiling the kernel these CPU parameters will use in a background process (see `CounterKernels`).
+
+        Returns:
+            True if a compilation was started; False if none is needed (eager, compiled already, not on CPU).
+        """
+        kernels = self.kernels_for(params)
+        if not params or not kernels.compile or params[0][1].device.type != "cpu":
+            return False
+        first = params[0][1]
+        return kernels.prewarm("perturb", first.dtype, min(self.chunk_size, first.numel()))
 
     @property
     def compile_seconds(self) -> dict[str, float]:
@@ -233,6 +263,7 @@ class RademacherCounterEngine(CounterEngine):
     """`CounterEngine` with +1/-1 entries: the sign bit of the same hash (bit-identical on every device)."""
 
     name = "counter-rademacher"
+    VERSIONS = (1,)
     version = 1
     distribution = "rademacher"
     device_independent = True  # integer hashing only: the same z on every device type (a delta may move across)

@@ -16,15 +16,23 @@ backend) and float32 adds, multiplies, one divide and one square root:
 
 ln and cos are evaluated by short polynomials written as torch operations (ln: atanh series on the mantissa, error
 < 1e-7; cos: Taylor series to degree 12 after reduction to [0, pi/2], error < 2e-7), not by the platform's libm, so
-the values do not depend on the libm a backend links. Backends may still round a few operations differently (a fused
-multiply-add, a reassociated constant): on CPU, eager and Inductor-compiled Gaussian values agree to 1e-6 (tested;
-measured max 4.8e-7), and CUDA's are expected within 1e-5. Rademacher values are identical everywhere.
+the values do not depend on the libm a backend links. The square root is the correctly rounded float32 root on every
+CPU path (version 2 of the Gaussian engine): Inductor's compiled C++ `sqrt` rounds correctly, while eager PyTorch's
+vectorised float32 `sqrt` is one unit in the last place off for about 17% of inputs (measured over 2**20 values, the
+only operation where the two paths differed), so the eager path takes it in float64 and rounds once. On CPU the eager
+and the compiled kernels therefore produce bit-identical z (tested): a party without a working compiler, or one whose
+kernel is still compiling, computes the same model. Version 1 (`gaussian/v1`, the platform's float32 root eagerly)
+stays available to replay old checkpoints and deltas; its compiled values equal version 2's. CUDA's values are
+expected within 1e-5 of CPU's. Rademacher values are identical everywhere.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import subprocess
+import sys
 import threading
 import time
 from typing import ClassVar
@@ -97,11 +105,31 @@ def _cos_two_pi(bits24: torch.Tensor) -> torch.Tensor:
     return c * (2.0 * far.to(torch.float32) - 1.0)  # -c, or +c when far (cos(pi - x) = -cos x, and the -0.5 shift)
 
 
-def gaussian_from_counter(index_lo: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
-    """Standard normal float32 values for int32 counters `index_lo` under key (k0, k1) (tensors, broadcastable)."""
-    a, b = _hash(index_lo, k0, k1)
+def _radius(a: torch.Tensor) -> torch.Tensor:
+    """-2 ln(u1) for the 24-bit uniform u1 in (0, 1] taken from the hash word `a` (Box-Muller's squared radius)."""
     u1 = (_srl(a, 8) + 1).to(torch.float32) * (2.0**-24)
-    return torch.sqrt(-2.0 * _ln_unit(u1)) * _cos_two_pi(_srl(b, 8))
+    return -2.0 * _ln_unit(u1)
+
+
+def gaussian_from_counter(index_lo: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 values for int32 counters `index_lo` under key (k0, k1) (tensors, broadcastable).
+
+    The square root is the correctly rounded float32 one, taken in float64 and rounded once: eagerly, this is what
+    Inductor's compiled `sqrt` (IEEE, in `_COMPILED`) gives on CPU, at no cost to the compiled kernel.
+    """
+    a, b = _hash(index_lo, k0, k1)
+    radius = torch.sqrt(_radius(a).to(torch.float64)).to(torch.float32)
+    return radius * _cos_two_pi(_srl(b, 8))
+
+
+def gaussian_from_counter_v1(index_lo: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """Version 1 of `gaussian_from_counter`: the platform's float32 `sqrt` (eager CPU values may differ by 1 ulp).
+
+    Compiled by Inductor for CPU, this is bit-identical to version 2 (its `sqrt` is correctly rounded), so it is
+    the function both versions compile.
+    """
+    a, b = _hash(index_lo, k0, k1)
+    return torch.sqrt(_radius(a)) * _cos_two_pi(_srl(b, 8))
 
 
 def rademacher_from_counter(index_lo: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
@@ -110,7 +138,13 @@ def rademacher_from_counter(index_lo: torch.Tensor, k0: torch.Tensor, k1: torch.
     return torch.where(a < 0, -1.0, 1.0)
 
 
-_SAMPLERS = {"gaussian": gaussian_from_counter, "rademacher": rademacher_from_counter}
+_SAMPLERS = {
+    "gaussian": gaussian_from_counter,
+    "gaussian/v1": gaussian_from_counter_v1,
+    "rademacher": rademacher_from_counter,
+}
+# What torch.compile traces: the float32 root, correctly rounded in compiled code (the float64 one costs ~15% there).
+_COMPILED = {**_SAMPLERS, "gaussian": gaussian_from_counter_v1}
 
 
 def _make_perturb(sample):
@@ -134,54 +168,106 @@ def _make_replay(sample):
 
 
 class CounterKernels:
-    """The compiled (or eager) perturb and replay functions of one distribution, shared by every engine instance.
+    """The compiled (or eager) perturb and replay functions of one sampler, shared by every engine instance.
 
-    Compilation happens on first use, per device type and dtype; `compile_seconds` records how long the first call
-    of each kernel took. If compilation fails (no C++ compiler, an unsupported backend), a warning is logged and the
-    eager functions, which produce the same values on CPU, are used from then on.
+    Compilation happens on first use, per device type and dtype; `compile_seconds` records how long the first
+    compiled call of each kernel took (with a cold Inductor cache, one to four minutes on 2 cores; from a warm cache,
+    a few seconds). If compilation fails (no C++ compiler, an unsupported backend), a warning is logged and the eager
+    functions are used from then on: on CPU they give bit-identical values (see the module docstring).
+
+    `prewarm(...)` starts that compilation early, in a child process that fills Inductor's on-disk cache, so that it
+    overlaps other work (the pipeline starts it when the model has loaded, before the base model's evaluation). The
+    first call then waits for the child, if it is still running, and compiles from the warm cache.
     """
 
     _instances: ClassVar[dict[tuple[str, bool], CounterKernels]] = {}
     _lock = threading.Lock()
 
-    def __init__(self, distribution: str, compile: bool):
-        sample = _SAMPLERS[distribution]
+    def __init__(self, sampler: str, compile: bool):
+        sample = _SAMPLERS[sampler]
         self.sample = sample  # (counters, k0, k1) -> z, broadcasting: the eager path calls it directly
-        self.distribution = distribution
+        self.sampler = sampler
+        self.distribution = sampler.split("/")[0]
         self.eager_perturb = _make_perturb(sample)
         self.eager_replay = _make_replay(sample)
+        self._to_compile = {"perturb": _make_perturb(_COMPILED[sampler]), "replay": _make_replay(_COMPILED[sampler])}
         self.compile = compile
         self.compile_seconds: dict[str, float] = {}
+        self.waited_for_prewarm_seconds: dict[str, float] = {}
         self._compiled: dict[str, object] = {}
+        self._prewarming: dict[str, subprocess.Popen] = {}
         self._failed = False
 
     @classmethod
-    def get(cls, distribution: str, compile: bool) -> CounterKernels:
-        if distribution not in _SAMPLERS:
-            raise ValueError(f"Unknown `distribution` {distribution!r}; choose one of {list(DISTRIBUTIONS)}.")
+    def get(cls, sampler: str, compile: bool) -> CounterKernels:
+        if sampler not in _SAMPLERS:
+            raise ValueError(f"Unknown `distribution` {sampler!r}; choose one of {list(DISTRIBUTIONS)}.")
         with cls._lock:
-            key = (distribution, compile)
+            key = (sampler, compile)
             if key not in cls._instances:
-                cls._instances[key] = cls(distribution, compile)
+                cls._instances[key] = cls(sampler, compile)
             return cls._instances[key]
 
     def _compiled_fn(self, kind: str):
         fn = self._compiled.get(kind)
         if fn is None:
-            eager = self.eager_perturb if kind == "perturb" else self.eager_replay
             # Without the raised threshold Inductor would materialise the [seeds, elements] z of a replay in memory.
             fn = self._compiled[kind] = torch.compile(
-                eager, dynamic=True, fullgraph=True, options={"realize_opcount_threshold": 100_000}
+                self._to_compile[kind], dynamic=True, fullgraph=True, options={"realize_opcount_threshold": 100_000}
             )
         return fn
+
+    @staticmethod
+    def _label(kind: str, device: torch.device | str, dtype: torch.dtype) -> str:
+        return f"{kind}/{torch.device(device).type}/{dtype}".replace("torch.", "")
+
+    def prewarm(self, kind: str, dtype: torch.dtype, numel: int) -> bool:
+        """Compile the CPU `kind` kernel for `dtype` in a child process, now, into Inductor's on-disk cache.
+
+        Args:
+            kind: "perturb" (what CPU steps and replays use) or "replay".
+            dtype: the parameters' dtype.
+            numel: the size of the first call this process will make (Inductor's generated code depends on it).
+
+        Returns:
+            True if a child was started; False if the kernel is compiled, being prewarmed, or compilation is off.
+        """
+        label = self._label(kind, "cpu", dtype)
+        if not self.compile or self._failed or label in self.compile_seconds or label in self._prewarming:
+            return False
+        command = [sys.executable, "-m", "hf_fedkseed.perturbation.warm", self.sampler, kind, str(dtype), str(numel)]
+        try:
+            child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as error:  # no child process: the first call compiles, as without prewarming
+            logger.info("Could not start the background compilation (%s); the first step compiles.", error)
+            return False
+        self._prewarming[label] = child
+        atexit.register(_stop, child)  # a process that ends before its first step leaves no compiler running
+        logger.info("Compiling the %s kernel (%s) in a background process.", kind, label)
+        return True
+
+    def _wait_for_prewarm(self, label: str) -> None:
+        child = self._prewarming.pop(label, None)
+        if child is None:
+            return
+        started = time.perf_counter()
+        if child.poll() is None:
+            logger.info("Waiting for the background compilation of the %s kernel.", label)
+        _, error = child.communicate()
+        self.waited_for_prewarm_seconds[label] = time.perf_counter() - started
+        if child.returncode != 0:
+            message = error.decode(errors="replace")[-300:]
+            logger.info("The background compilation failed; compiling here (%s).", message)
 
     def _run(self, kind: str, *args) -> None:
         eager = self.eager_perturb if kind == "perturb" else self.eager_replay
         if not self.compile or self._failed:
             eager(*args)
             return
-        label = f"{kind}/{args[0].device.type}/{args[0].dtype}".replace("torch.", "")
+        label = self._label(kind, args[0].device, args[0].dtype)
         first = label not in self.compile_seconds
+        if first:
+            self._wait_for_prewarm(label)
         started = time.perf_counter()
         try:
             self._compiled_fn(kind)(*args)
@@ -189,7 +275,8 @@ class CounterKernels:
             self._failed = True
             logger.warning(
                 "torch.compile of the counter-based perturbation kernels failed (%s: %s); using eager PyTorch "
-                "(same values, slower). Install a C++ compiler (CPU) or Triton (GPU) to get the compiled kernels.",
+                "(same values on CPU, slower). Install a C++ compiler (CPU) or Triton (GPU) to get the compiled "
+                "kernels.",
                 type(error).__name__,
                 error,
             )
@@ -203,3 +290,21 @@ class CounterKernels:
 
     def replay_(self, flat, first, seed_keys, coefficients) -> None:
         self._run("replay", flat, first, seed_keys, coefficients)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+
+
+def warm(sampler: str, kind: str, dtype: str, numel: str = "4096") -> None:
+    """Compile one kernel for a first call of `numel` elements: fills Inductor's on-disk cache (the child's job)."""
+    kernels = CounterKernels(sampler, compile=True)
+    flat = torch.zeros(int(numel), dtype=getattr(torch, dtype.replace("torch.", "")))
+    if kind == "perturb":
+        kernels.perturb_(flat, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0.0, 1.0]))
+    else:
+        keys = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
+        kernels.replay_(flat, torch.tensor(0, dtype=torch.int32), keys, torch.tensor([0.0, 0.0]))
+    if kernels._failed:
+        raise SystemExit(1)

@@ -104,6 +104,9 @@ class TensorSubsetEngine(PerturbationEngine):
     def scratch_bytes(self, params: NamedTensors) -> int:
         return self.inner.scratch_bytes(params)
 
+    def prewarm(self, params: NamedTensors) -> bool:
+        return self.inner.prewarm(params)
+
     @property
     def compile_seconds(self) -> dict[str, float]:
         return dict(getattr(self.inner, "compile_seconds", {}))
