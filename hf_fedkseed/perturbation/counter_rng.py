@@ -284,6 +284,13 @@ class CounterKernels:
             return
         if first:
             self.compile_seconds[label] = time.perf_counter() - started
+            waited = self.waited_for_prewarm_seconds.get(label)
+            logger.info(
+                "The %s kernel is ready: %.1f s to compile in this process%s.",
+                label,
+                self.compile_seconds[label],
+                "" if waited is None else f", after waiting {waited:.1f} s for the background compilation",
+            )
 
     def perturb_(self, flat: torch.Tensor, keys: torch.Tensor, scalars: torch.Tensor) -> None:
         self._run("perturb", flat, keys, scalars)
