@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from .forward_hooks import ZOForwardHooks, eval_mode
-from .perturbation import PerturbationEngine, get_engine
+from .perturbation import PerturbationEngine, engine_for_state, get_engine
 from .zo import (
     SeedSampler,
     check_estimator,
@@ -20,8 +19,6 @@ from .zo import (
     projected_grad,
     validate_probabilities,
 )
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["KSeedZOOptimizer", "default_no_decay"]
 
@@ -457,15 +454,7 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
         kseed = state_dict.get("kseed")
         if kseed is None:
             raise ValueError("This optimizer state has no `kseed` entry; it was not saved by KSeedZOOptimizer.")
-        engine = self.engine
-        if (kseed["engine"], kseed["engine_version"]) != (self.engine.name, self.engine.version):
-            if kseed["engine"] != self.engine.name:
-                raise ValueError(
-                    f"The state was saved with engine {kseed['engine']!r} v{kseed['engine_version']} but this "
-                    f"optimizer uses {self.engine.name!r} v{self.engine.version}; pass `engine={kseed['engine']!r}`."
-                )
-            # the same engine at another version (an older checkpoint): replay it with the z it was made with
-            engine = get_engine(kseed["engine"], version=int(kseed["engine_version"]))
+        engine = engine_for_state(self.engine, kseed["engine"], int(kseed["engine_version"]))
         saved = (kseed.get("estimator", "two_point"), int(kseed.get("directions", 1)))
         if saved != (self.estimator, self.directions):
             raise ValueError(
@@ -480,9 +469,7 @@ class KSeedZOOptimizer(torch.optim.Optimizer):
             )
         base = {key: value for key, value in state_dict.items() if key != "kseed"}
         super().load_state_dict(base)
-        if engine is not self.engine:
-            logger.info("Resuming with engine %r v%d, as the checkpoint was made.", engine.name, engine.version)
-            self.engine = engine
+        self.engine = engine  # an older checkpoint resumes with the engine version it was made with
         self._group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         self.seed = int(kseed["seed"])
         self.seed_pool = kseed["seed_pool"].to(torch.int64).clone()

@@ -13,6 +13,8 @@ An engine's `name` and `version` pin down every z it produces; checkpoints and s
 
 from __future__ import annotations
 
+import logging
+
 from .base import PerturbationEngine, canonical_name
 from .counter import CounterEngine, RademacherCounterEngine
 from .generator import ChunkedGeneratorEngine, SequentialGeneratorEngine
@@ -29,6 +31,7 @@ __all__ = [
     "TensorSubsetEngine",
     "canonical_name",
     "check_engine_name",
+    "engine_for_state",
     "get_engine",
 ]
 
@@ -39,6 +42,7 @@ ENGINES: dict[str, type[PerturbationEngine]] = {
     SequentialGeneratorEngine.name: SequentialGeneratorEngine,
 }
 DEFAULT_ENGINE = CounterEngine.name
+logger = logging.getLogger(__name__)
 
 
 def check_engine_name(name: str) -> tuple[str, float | None]:
@@ -87,3 +91,21 @@ def get_engine(engine: str | PerturbationEngine | None = None, version: int | No
         )
     inner = cls() if version is None or version == cls.version else cls(version=version)
     return inner if fraction is None else TensorSubsetEngine(inner, fraction)
+
+
+def engine_for_state(current: PerturbationEngine, name: str, version: int) -> PerturbationEngine:
+    """The engine that replays state recorded with engine `name` at `version`: `current` if it is that engine, the
+    same engine at the recorded version if `current` is another version of it (an older checkpoint), else an error.
+
+    Raises:
+        ValueError: if the state was made with another engine, or a version this hf_fedkseed does not have.
+    """
+    if (name, version) == (current.name, current.version):
+        return current
+    if name != current.name:
+        raise ValueError(
+            f"The state was saved with engine {name!r} v{version} but this optimizer uses {current.name!r} "
+            f"v{current.version}; pass `engine={name!r}`."
+        )
+    logger.info("Replaying with engine %r v%d, the version the state was saved with.", name, version)
+    return get_engine(name, version=version)

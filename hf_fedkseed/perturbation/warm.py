@@ -10,6 +10,8 @@ import sys
 
 from .counter_rng import warm
 
+__all__: list[str] = []  # run as `python -m`: nothing to import
+
 if __name__ == "__main__":
     if len(sys.argv) != 5:
         raise SystemExit("usage: python -m hf_fedkseed.perturbation.warm SAMPLER KIND DTYPE NUMEL")
