@@ -83,13 +83,15 @@ def get_engine(engine: str | PerturbationEngine | None = None, version: int | No
         return engine
     base, fraction = check_engine_name(engine)
     cls = ENGINES[base]
-    known = getattr(cls, "VERSIONS", (cls.version,))
-    if version is not None and version not in known:
+    if version is None or version == cls.version:
+        inner = cls()
+    elif hasattr(cls, "VERSIONS"):  # a versioned engine checks the version itself
+        inner = cls(version=version)
+    else:
         raise ValueError(
-            f"The perturbation engine {base!r} has no version {version}; this hf_fedkseed knows {list(known)}. "
-            "Install the hf_fedkseed version that wrote the file (its `hf_fedkseed_version`)."
+            f"Engine {base!r} has no version {version}; this hf_fedkseed knows [{cls.version}]. Install the "
+            "hf_fedkseed version that wrote the file (its `hf_fedkseed_version`)."
         )
-    inner = cls() if version is None or version == cls.version else cls(version=version)
     return inner if fraction is None else TensorSubsetEngine(inner, fraction)
 
 

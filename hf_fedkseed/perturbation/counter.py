@@ -71,7 +71,8 @@ class CounterEngine(PerturbationEngine):
         if version is not None:
             if version not in self.VERSIONS:
                 raise ValueError(
-                    f"Engine {self.name!r} has no version {version!r}; this hf_fedkseed knows {list(self.VERSIONS)}."
+                    f"Engine {self.name!r} has no version {version!r}; this hf_fedkseed knows {list(self.VERSIONS)}. "
+                    "Install the hf_fedkseed version that wrote the file (its `hf_fedkseed_version`)."
                 )
             self.version = version
         if chunk_size <= 0:
@@ -104,7 +105,7 @@ class CounterEngine(PerturbationEngine):
         if not params or not kernels.compile or params[0][1].device.type != "cpu":
             return False
         first = params[0][1]
-        return kernels.prewarm("perturb", first.dtype, min(self.chunk_size, first.numel()))
+        return kernels.prewarm(first.dtype, min(self.chunk_size, first.numel()))
 
     @property
     def compile_seconds(self) -> dict[str, float]:

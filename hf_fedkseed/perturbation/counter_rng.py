@@ -221,21 +221,21 @@ class CounterKernels:
     def _label(kind: str, device: torch.device | str, dtype: torch.dtype) -> str:
         return f"{kind}/{torch.device(device).type}/{dtype}".replace("torch.", "")
 
-    def prewarm(self, kind: str, dtype: torch.dtype, numel: int) -> bool:
-        """Compile the CPU `kind` kernel for `dtype` in a child process, now, into Inductor's on-disk cache.
+    def prewarm(self, dtype: torch.dtype, numel: int) -> bool:
+        """Compile the CPU perturb kernel (what CPU steps and replays run) for `dtype` in a child process, now, into
+        Inductor's on-disk cache.
 
         Args:
-            kind: "perturb" (what CPU steps and replays use) or "replay".
             dtype: the parameters' dtype.
             numel: the size of the first call this process will make (Inductor's generated code depends on it).
 
         Returns:
             True if a child was started; False if the kernel is compiled, being prewarmed, or compilation is off.
         """
-        label = self._label(kind, "cpu", dtype)
+        label = self._label("perturb", "cpu", dtype)
         if not self.compile or self._failed or label in self.compile_seconds or label in self._prewarming:
             return False
-        command = [sys.executable, "-m", "hf_fedkseed.perturbation.warm", self.sampler, kind, str(dtype), str(numel)]
+        command = [sys.executable, "-m", "hf_fedkseed.perturbation.warm", self.sampler, str(dtype), str(numel)]
         try:
             child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError as error:  # no child process: the first call compiles, as without prewarming
@@ -243,7 +243,7 @@ class CounterKernels:
             return False
         self._prewarming[label] = child
         atexit.register(_stop, child)  # a process that ends before its first step leaves no compiler running
-        logger.info("Compiling the %s kernel (%s) in a background process.", kind, label)
+        logger.info("Compiling the %s kernel in a background process.", label)
         return True
 
     def _wait_for_prewarm(self, label: str) -> None:
@@ -304,14 +304,11 @@ def _stop(child: subprocess.Popen) -> None:
         child.kill()
 
 
-def warm(sampler: str, kind: str, dtype: str, numel: str = "4096") -> None:
-    """Compile one kernel for a first call of `numel` elements: fills Inductor's on-disk cache (the child's job)."""
+def warm(sampler: str, dtype: str, numel: str) -> None:
+    """Compile the perturb kernel for a first call of `numel` elements: fills Inductor's on-disk cache (the child's
+    job)."""
     kernels = CounterKernels(sampler, compile=True)
     flat = torch.zeros(int(numel), dtype=getattr(torch, dtype.replace("torch.", "")))
-    if kind == "perturb":
-        kernels.perturb_(flat, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0.0, 1.0]))
-    else:
-        keys = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
-        kernels.replay_(flat, torch.tensor(0, dtype=torch.int32), keys, torch.tensor([0.0, 0.0]))
+    kernels.perturb_(flat, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0.0, 1.0]))
     if kernels._failed:
         raise SystemExit(1)

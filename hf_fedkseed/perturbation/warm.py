@@ -1,4 +1,4 @@
-"""`python -m hf_fedkseed.perturbation.warm SAMPLER KIND DTYPE NUMEL`: compile one counter kernel into the cache.
+"""`python -m hf_fedkseed.perturbation.warm SAMPLER DTYPE NUMEL`: compile the perturb kernel into the cache.
 
 Started by `CounterKernels.prewarm` in a child process, so that a cold Inductor compilation overlaps other work (the
 base model's evaluation) instead of delaying the first ZO step; see `hf_fedkseed.perturbation.counter_rng`.
@@ -13,6 +13,6 @@ from .counter_rng import warm
 __all__: list[str] = []  # run as `python -m`: nothing to import
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
-        raise SystemExit("usage: python -m hf_fedkseed.perturbation.warm SAMPLER KIND DTYPE NUMEL")
+    if len(sys.argv) != 4:
+        raise SystemExit("usage: python -m hf_fedkseed.perturbation.warm SAMPLER DTYPE NUMEL")
     warm(*sys.argv[1:])
