@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     report.update(traffic())
     real = real_base(args) if not args.no_real_base else {}
     report.update({key: value for key, value in real.items() if key != "zo_step_real_base"})
+    cold_model = ["--model", "llama-58m"] if args.no_real_base else ["--model", "smollm2", "--batch-size", "4"]
     cold = zo_step.measure_cold_first_step(
-        zo_step.parse_args(["--model", "smollm2" if not args.no_real_base else "llama-58m", "--batch-size", "4"])
+        zo_step.parse_args([*cold_model, "--device", args.device, "--threads", str(args.threads)])
     )
     report["cold_first_step_seconds"] = cold["cold_first_step_seconds"]
     report["cold_first_step"] = cold

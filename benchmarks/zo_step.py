@@ -132,6 +132,16 @@ def naive_seeds(count: int) -> list[int]:
     return torch.randint(1, 100_000_000_000, (count,), generator=generator).tolist()
 
 
+def hooked_step(model, optimizer, batch) -> None:
+    """One ZO step as transformers.Trainer.training_step runs it: model.train(), optimizer.train(), forward,
+    backward (the hook ties the loss to a zero-cost leaf, so it is free), optimizer.step() and zero_grad()."""
+    model.train()
+    optimizer.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def run_timing(args: argparse.Namespace) -> dict[str, Any]:
     """Interleave every workload round-robin on one shared model and return median seconds and raw samples.
@@ -152,14 +162,7 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
     rng_devices = list(range(torch.cuda.device_count()))
 
     def ours_hooked() -> None:
-        # What transformers.Trainer.training_step does: model.train(), optimizer.train(), forward, backward (the
-        # hook ties the loss to a zero-cost leaf, so it is free), then optimizer.step() and zero_grad().
-        model.train()
-        optimizer.train()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        hooked_step(model, optimizer, batch)
 
     def ours_closure() -> None:
         optimizer.step(lambda: model(**batch).loss)
@@ -240,11 +243,7 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
         engine = CounterEngine(compile=False) if mode == "zo-eager" else get_engine()
         optimizer = KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=NUM_SEEDS, engine=engine)
         for _ in range(args.memory_steps):
-            model.train()
-            optimizer.train()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            hooked_step(model, optimizer, batch)
     else:
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
@@ -274,19 +273,13 @@ def cold_child(args: argparse.Namespace) -> dict[str, Any]:
     model, batch = build_model_and_batch(args.seq_len, args.device, args.threads, args.model, args.batch_size)
     loaded = time.perf_counter()
     optimizer = KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=NUM_SEEDS)  # starts the background compilation
-    model.train()
-    optimizer.train()
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    hooked_step(model, optimizer, batch)
     synchronize(args.device)
     first_step = time.perf_counter() - loaded
     kernels = optimizer.engine.kernels_for(optimizer.named_params)
     started = time.perf_counter()
-    model.train()
-    optimizer.train()
-    model(**batch).loss.backward()
-    optimizer.step()
+    hooked_step(model, optimizer, batch)
+    synchronize(args.device)
     return {
         "cold_first_step_seconds": round(first_step, 2),
         "second_step_seconds": round(time.perf_counter() - started, 3),
