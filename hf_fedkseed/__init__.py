@@ -31,6 +31,7 @@ _EXPORTS = {
     "PerturbationEngine": ".perturbation",
     "CounterEngine": ".perturbation",
     "RademacherCounterEngine": ".perturbation",
+    "ShiftCounterEngine": ".perturbation",
     "ChunkedGeneratorEngine": ".perturbation",
     "SequentialGeneratorEngine": ".perturbation",
     # the kilobyte delta and the Hub
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         PerturbationEngine,
         RademacherCounterEngine,
         SequentialGeneratorEngine,
+        ShiftCounterEngine,
         get_engine,
     )
     from .pretrain import PretrainConfig, pretrain_base

@@ -180,7 +180,8 @@ class ZOArguments:
         default=None,
         metadata={
             "help": "Perturbation engine: `counter` (default; counter-based Gaussian, compiled for large models), "
-            "`counter-rademacher`, `torch-chunked`, or `torch-sequential` (the official code's seeds)."
+            "`counter-rademacher`, `counter-shift` (cyclic shifts of one sequence per block: a catch-up of any "
+            "number of seeds costs a few FFTs), `torch-chunked`, or `torch-sequential` (the official code's seeds)."
         },
     )
     grad_clip: float | None = field(default=None, metadata={"help": "Skip steps with |L+ - L-| above this."})

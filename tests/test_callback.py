@@ -10,7 +10,7 @@ from conftest import VOCAB, tiny_llama
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_fedkseed import FederatedCallback, FederatedConfig, KSeedZOOptimizer
+from hf_fedkseed import FederatedCallback, FederatedConfig, KSeedZOOptimizer, ShiftCounterEngine
 from hf_fedkseed.federated import KSeedClient, SyncMessage
 
 NUM_TASKS = 6
@@ -193,10 +193,11 @@ def test_replay_undo_agrees_with_snapshot_undo(tmp_path):
     torch.testing.assert_close(snapshot_optimizer.accumulators, replay_optimizer.accumulators, rtol=0, atol=bound)
 
 
-@pytest.mark.parametrize("pro", [False, True])
-def test_every_round_ends_where_a_client_catching_up_round_by_round_ends(tmp_path, monkeypatch, pro):
+@pytest.mark.parametrize(("pro", "engine"), [(False, "counter"), (True, "counter"), (True, "counter-shift")])
+def test_every_round_ends_where_a_client_catching_up_round_by_round_ends(tmp_path, monkeypatch, pro, engine):
     """One catch-up rule: after every round the shared model equals a fresh client's model that replays each
-    round's change of the accumulators in turn, bit for bit, also when the server clips a client."""
+    round's change of the accumulators in turn, bit for bit, also when the server clips a client (and with the
+    cyclic-shift engine, whose catch-ups of 8 seeds or more run by FFT)."""
     # norm_bound clips every client to the round's median norm: of three clients, the longest one is clipped. Pro
     # updates carry g and the learning rate; the server's scalars are their exact products either way.
     cfg = config(rounds=2, clients_per_round=3, aggregation="norm_bound", pro=pro)
@@ -210,7 +211,10 @@ def test_every_round_ends_where_a_client_catching_up_round_by_round_ends(tmp_pat
         return entry
 
     monkeypatch.setattr(FederatedCallback, "end_round", recording)
-    _, optimizer, federated, _ = run(tmp_path, cfg)
+    chosen = ShiftCounterEngine(fft_min_seeds=2) if engine == "counter-shift" else engine  # every catch-up by FFT
+    factory = lambda model: KSeedZOOptimizer(model, lr=2e-3, eps=1e-3, num_seeds=32, seed=7, engine=chosen)  # noqa: E731
+    _, optimizer, federated, _ = run(tmp_path, cfg, optimizer_factory=factory)
+    assert optimizer.engine.name == engine
     assert any(clipped for *_, clipped in after_rounds)  # the rule holds where the old shortcut needed a correction
 
     fresh = tiny_llama()

@@ -108,8 +108,9 @@ PUBLIC_API = {
     "FedAvgCallback", "FederatedCallback", "FederatedConfig", "FlowerConfig", "FlowerRun", "FreshSeedZOOptimizer",
     "KSeedArtifactsCallback", "KSeedClient", "KSeedDelta", "KSeedServer", "KSeedZOOptimizer", "METHODS",
     "PerturbationEngine", "PretrainConfig", "ProtocolError", "RademacherCounterEngine", "SequentialGeneratorEngine",
-    "SyncMessage", "UpdateMessage", "apply_kseed", "base_weights_sha256", "get_engine", "load_kseed_delta",
-    "make_client_app", "make_server_app", "pretrain_base", "push_output_dir", "save_kseed_delta", "simulate",
+    "ShiftCounterEngine", "SyncMessage", "UpdateMessage", "apply_kseed", "base_weights_sha256", "get_engine",
+    "load_kseed_delta", "make_client_app", "make_server_app", "pretrain_base", "push_output_dir", "save_kseed_delta",
+    "simulate",
 }  # fmt: skip
 
 

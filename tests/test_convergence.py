@@ -50,3 +50,16 @@ def test_quick_profile_runs_every_method_and_reports_the_targets(convergence, tm
     assert out.with_suffix(".png").stat().st_size > 10_000
     table = out.with_suffix(".md").read_text()
     assert all(convergence.LABELS[name] in table for name in methods) and "forward passes to target" in table
+
+    # a method added later beside the baseline's runs, which are reused rather than run again
+    again = tmp_path / "again.json"
+    argv = ["--quick", "--methods", "fedkseed", "shift", "--reuse", str(out), "--output-dir", str(tmp_path / "more")]
+    assert convergence.main([*argv, "--json", str(again)]) == 0
+    report = json.loads(again.read_text())
+    assert report["reused"]["runs"] == [["fedkseed", 42]] and not (tmp_path / "more" / "fedkseed").exists()
+    assert report["runs"][0] == json.loads(out.read_text())["runs"][0]
+    kseed = json.loads((tmp_path / "more" / "shift" / "seed42" / "kseed_config.json").read_text())
+    assert (kseed["engine"], kseed["engine_version"]) == ("counter-shift", 1)
+    assert list(report["methods"]) == ["fedkseed", "shift"]
+    with pytest.raises(SystemExit):  # another profile's runs are not comparable
+        convergence.main(["--methods", "fedkseed", "--reuse", str(out), "--output-dir", str(tmp_path / "other")])

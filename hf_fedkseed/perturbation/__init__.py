@@ -6,6 +6,7 @@ The registry (`ENGINES`, `DEFAULT_ENGINE`, `get_engine`) and the public surface 
 - `hashing`: the integer hashing behind every seed (`splitmix64`, `mix`, `name_key`, `to_int32`);
 - `generator`: engines on `torch.Generator` streams (`torch-chunked`, `torch-sequential`);
 - `counter`, `counter_rng`: the counter-based engines (`counter`, the default, and `counter-rademacher`);
+- `shift`: `counter-shift`, cyclic shifts of one sequence per block, whose replay of K seeds costs O(d log B);
 - `subset`: `TensorSubsetEngine`, directions on a seed-chosen fraction of the tensors (`counter@tensors=0.25`).
 
 An engine's `name` and `version` pin down every z it produces; checkpoints and seed deltas record them.
@@ -18,6 +19,7 @@ import logging
 from .base import PerturbationEngine, canonical_name
 from .counter import CounterEngine, RademacherCounterEngine
 from .generator import ChunkedGeneratorEngine, SequentialGeneratorEngine
+from .shift import ShiftCounterEngine
 from .subset import TensorSubsetEngine, parse_subset_name
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "PerturbationEngine",
     "RademacherCounterEngine",
     "SequentialGeneratorEngine",
+    "ShiftCounterEngine",
     "TensorSubsetEngine",
     "canonical_name",
     "check_engine_name",
@@ -38,6 +41,7 @@ __all__ = [
 ENGINES: dict[str, type[PerturbationEngine]] = {
     CounterEngine.name: CounterEngine,
     RademacherCounterEngine.name: RademacherCounterEngine,
+    ShiftCounterEngine.name: ShiftCounterEngine,
     ChunkedGeneratorEngine.name: ChunkedGeneratorEngine,
     SequentialGeneratorEngine.name: SequentialGeneratorEngine,
 }

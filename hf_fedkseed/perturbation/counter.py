@@ -87,6 +87,7 @@ class CounterEngine(PerturbationEngine):
         self.compile_threshold = compile_threshold
         sampler = self.distribution if self.version == max(self.VERSIONS) else f"{self.distribution}/v{self.version}"
         self._kernels = {flag: CounterKernels.get(sampler, flag) for flag in (False, True)}
+        self.key_words = self._kernels[False].key_words
         self.eager_batch = 1 << 20  # elements (times seeds, in a replay) evaluated together on the eager path
 
     def kernels_for(self, params: NamedTensors):
@@ -117,6 +118,12 @@ class CounterEngine(PerturbationEngine):
         mixed = splitmix64(splitmix64((seed & MASK64) ^ name_key(name)))
         return mixed & 0xFFFFFFFF, mixed >> 32
 
+    def words(self, seed: int, name: str, high: int) -> tuple[int, ...]:
+        """The int32 key words the kernel takes for this seed, parameter, and high word of the element index (folded
+        into k0 for parameters over 2**32 elements): `(k0, k1)`."""
+        k0, k1 = self.key(seed, name)
+        return to_int32(k0 + high * HI_MULT), to_int32(k1)
+
     @staticmethod
     def _spans(numel: int, span: int):
         """(start, length, high word) of each kernel call: at most `span`, never across a 2**32 boundary."""
@@ -126,16 +133,18 @@ class CounterEngine(PerturbationEngine):
             yield start, length, start >> 32
             start += length
 
+    @staticmethod
+    def _flat(name: str, param: torch.Tensor) -> torch.Tensor:
+        if not param.is_contiguous():
+            raise ValueError(f"Parameter `{name}` is not contiguous; call `.contiguous()` on it before training.")
+        return param.view(-1)
+
     def _pieces(self, params, seed, span: int):
-        """(parameter index, flat slice, first counter, k0, k1) of every call of at most `span` elements, in order."""
+        """(parameter index, flat slice, first counter, key words) of every call of at most `span` elements."""
         for index, (name, param) in enumerate(params):
-            if not param.is_contiguous():
-                raise ValueError(f"Parameter `{name}` is not contiguous; call `.contiguous()` on it before training.")
-            k0, k1 = self.key(seed, name)
-            flat = param.view(-1)
+            flat = self._flat(name, param)
             for start, length, high in self._spans(flat.numel(), span):
-                # the high word of the index (parameters over 2**32 elements) is mixed into the key
-                yield index, flat[start : start + length], start, to_int32(k0 + high * HI_MULT), to_int32(k1)
+                yield index, flat[start : start + length], start, self.words(seed, name, high)
 
     def _span(self, kernels) -> int:
         # the eager path materialises its ~60 intermediate results: keep each call small
@@ -164,9 +173,9 @@ class CounterEngine(PerturbationEngine):
         betas = _per_param(beta, len(params), "beta")
         kernels = self.kernels_for(params)
         if kernels.compile:
-            for index, flat, start, k0, k1 in self._pieces(params, seed, self._span(kernels)):
+            for index, flat, start, words in self._pieces(params, seed, self._span(kernels)):
                 scalars = torch.tensor([alphas[index], betas[index]], dtype=torch.float32, device=flat.device)
-                keys = torch.tensor([to_int32(start), k0, k1], dtype=torch.int32, device=flat.device)
+                keys = torch.tensor([to_int32(start), *words], dtype=torch.int32, device=flat.device)
                 kernels.perturb_(flat, keys, scalars)
             return
         # Eager: many small parameters share one evaluation of the ~60 elementwise operations (per-op overhead
@@ -175,11 +184,10 @@ class CounterEngine(PerturbationEngine):
         for batch in self._batches(self._pieces(params, seed, self._span(kernels)), self.eager_batch):
             device = batch[0][1].device
             sizes = torch.tensor([piece[1].numel() for piece in batch], device=device)
-            k0 = torch.tensor([piece[3] for piece in batch], dtype=torch.int32, device=device).repeat_interleave(sizes)
-            k1 = torch.tensor([piece[4] for piece in batch], dtype=torch.int32, device=device).repeat_interleave(sizes)
-            z = sample(self._batch_counters(batch, device), k0, k1)
+            words = torch.tensor([piece[3] for piece in batch], dtype=torch.int32, device=device)
+            z = sample(self._batch_counters(batch, device), *words.repeat_interleave(sizes, dim=0).unbind(1))
             offset = 0
-            for index, flat, _, _, _ in batch:
+            for index, flat, _, _ in batch:
                 piece_z = z[offset : offset + flat.numel()]
                 offset += flat.numel()
                 if betas[index] == 1.0 and flat.dtype == torch.float32:
@@ -219,20 +227,18 @@ class CounterEngine(PerturbationEngine):
         # On CPU generating z is compute-bound (about 0.3 G values/s on 2 cores against GB/s of memory traffic),
         # so one fused pass per seed costs the same as the in-kernel seed loop of `_replay_fused`, and it reuses the
         # perturb kernel instead of compiling the much slower-to-compile reduction (measured 205 s vs 6 s).
-        for index, (_, flat, start, _, _) in enumerate(per_seed[0]):
+        for index, (_, flat, start, _) in enumerate(per_seed[0]):
             for pieces, coefficient in zip(per_seed, coefs, strict=True):
-                keys = torch.tensor([to_int32(start), pieces[index][3], pieces[index][4]], dtype=torch.int32)
+                keys = torch.tensor([to_int32(start), *pieces[index][3]], dtype=torch.int32)
                 scalars = torch.tensor([coefficient, 1.0], dtype=torch.float32)
                 kernels.perturb_(flat, keys, scalars)
 
     @staticmethod
     def _replay_fused(kernels: CounterKernels, per_seed, coefs: list[float]) -> None:
         """Compiled, on CUDA (any non-CPU device): the loop over seeds inside one kernel, one pass per piece."""
-        for piece_index, (_, flat, start, _, _) in enumerate(per_seed[0]):
+        for piece_index, (_, flat, start, _) in enumerate(per_seed[0]):
             seed_keys = torch.tensor(
-                [[pieces[piece_index][3], pieces[piece_index][4]] for pieces in per_seed],
-                dtype=torch.int32,
-                device=flat.device,
+                [pieces[piece_index][3] for pieces in per_seed], dtype=torch.int32, device=flat.device
             )
             first = torch.tensor(to_int32(start), dtype=torch.int32, device=flat.device)
             kernels.replay_(flat, first, seed_keys, torch.tensor(coefs, dtype=torch.float32, device=flat.device))
@@ -248,14 +254,12 @@ class CounterEngine(PerturbationEngine):
             group = max(1, self.eager_batch // counters.numel())
             for first_seed in range(0, len(coefs), group):
                 chosen = range(first_seed, min(first_seed + group, len(coefs)))
-                k0 = torch.tensor([[per_seed[j][p[0]][3] for p in batch] for j in chosen], dtype=torch.int32)
-                k1 = torch.tensor([[per_seed[j][p[0]][4] for p in batch] for j in chosen], dtype=torch.int32)
-                k0 = k0.to(device).repeat_interleave(sizes, dim=1)
-                k1 = k1.to(device).repeat_interleave(sizes, dim=1)
+                words = torch.tensor([[per_seed[j][p[0]][3] for p in batch] for j in chosen], dtype=torch.int32)
+                words = words.to(device).repeat_interleave(sizes, dim=1)  # [seeds, elements, words]
                 c = torch.tensor([coefs[j] for j in chosen], dtype=torch.float32, device=device)
-                total += (sample(counters[None, :], k0, k1) * c[:, None]).sum(0)
+                total += (sample(counters[None, :], *words.unbind(2)) * c[:, None]).sum(0)
             offset = 0
-            for _, flat, _, _, _ in batch:
+            for _, flat, _, _ in batch:
                 flat.copy_(flat.to(torch.float32) + total[offset : offset + flat.numel()])
                 offset += flat.numel()
 

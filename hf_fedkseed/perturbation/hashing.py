@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 
+import numpy as np
+
 from .base import canonical_name
 
-__all__ = ["MASK64", "mix", "name_key", "splitmix64", "to_int32"]
+__all__ = ["MASK64", "mix", "name_key", "splitmix64", "splitmix64_array", "to_int32"]
 
 MASK64 = (1 << 64) - 1
 
@@ -18,6 +20,14 @@ def splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
+
+
+def splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """`splitmix64` of every element of a uint64 array (numpy's uint64 arithmetic wraps like the `& MASK64` above)."""
+    x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def mix(*parts: int) -> int:
