@@ -24,7 +24,7 @@ def convergence(monkeypatch):
 @pytest.mark.slow
 def test_quick_profile_runs_every_method_and_reports_the_targets(convergence, tmp_path):
     out = tmp_path / "conv.json"
-    methods = ["fedkseed", "tensor_subset", "fzoo", "fzoo_subset"]
+    methods = ["fedkseed", "tensor_subset", "fzoo", "shift"]  # fzoo_subset: fzoo's flags plus tensor_subset's
     assert (
         convergence.main(["--quick", "--methods", *methods, "--output-dir", str(tmp_path / "runs"), "--json", str(out)])
         == 0
@@ -43,7 +43,8 @@ def test_quick_profile_runs_every_method_and_reports_the_targets(convergence, tm
         assert entry["peak_rss_mib"] > 100 and entry["bytes_per_client_per_round"] > 0
         assert run["curve"][-1]["bytes_per_client"] == 2 * entry["bytes_per_client_per_round"]
         kseed = json.loads((tmp_path / "runs" / name / "seed42" / "kseed_config.json").read_text())
-        assert kseed["engine"] == ("counter@tensors=0.25" if "subset" in name else "counter")
+        engines = {"tensor_subset": "counter@tensors=0.25", "shift": "counter-shift"}
+        assert kseed["engine"] == engines.get(name, "counter")
     # FZOO uploads one (seed, g) pair per direction: 2 steps x 4 directions against 5 two-point steps
     assert summary["fzoo"]["bytes_per_client_per_round"] > summary["fedkseed"]["bytes_per_client_per_round"]
     assert summary["fedkseed"]["forward_passes_to_target_ratio"] is not None
@@ -51,15 +52,14 @@ def test_quick_profile_runs_every_method_and_reports_the_targets(convergence, tm
     table = out.with_suffix(".md").read_text()
     assert all(convergence.LABELS[name] in table for name in methods) and "forward passes to target" in table
 
-    # a method added later beside the baseline's runs, which are reused rather than run again
+    # a report of other methods beside stored runs, which are reused rather than run again
     again = tmp_path / "again.json"
     argv = ["--quick", "--methods", "fedkseed", "shift", "--reuse", str(out), "--output-dir", str(tmp_path / "more")]
     assert convergence.main([*argv, "--json", str(again)]) == 0
     report = json.loads(again.read_text())
-    assert report["reused"]["runs"] == [["fedkseed", 42]] and not (tmp_path / "more" / "fedkseed").exists()
-    assert report["runs"][0] == json.loads(out.read_text())["runs"][0]
-    kseed = json.loads((tmp_path / "more" / "shift" / "seed42" / "kseed_config.json").read_text())
-    assert (kseed["engine"], kseed["engine_version"]) == ("counter-shift", 1)
-    assert list(report["methods"]) == ["fedkseed", "shift"]
+    assert report["reused"]["runs"] == [["fedkseed", 42], ["shift", 42]] and not (tmp_path / "more").exists()
+    stored = {run["method"]: run for run in json.loads(out.read_text())["runs"]}
+    assert report["runs"] == [stored["fedkseed"], stored["shift"]]
+    assert report["methods"]["shift"] == summary["shift"]
     with pytest.raises(SystemExit):  # another profile's runs are not comparable
         convergence.main(["--methods", "fedkseed", "--reuse", str(out), "--output-dir", str(tmp_path / "other")])

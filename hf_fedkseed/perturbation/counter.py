@@ -87,7 +87,6 @@ class CounterEngine(PerturbationEngine):
         self.compile_threshold = compile_threshold
         sampler = self.distribution if self.version == max(self.VERSIONS) else f"{self.distribution}/v{self.version}"
         self._kernels = {flag: CounterKernels.get(sampler, flag) for flag in (False, True)}
-        self.key_words = self._kernels[False].key_words
         self.eager_batch = 1 << 20  # elements (times seeds, in a replay) evaluated together on the eager path
 
     def kernels_for(self, params: NamedTensors):
