@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import zo_step
-from _common import cpu_name
+from _common import cpu_name, naive_replay_seconds_per_seed, replay_pairs, replay_slice, synchronize, timed
 
 REPLAY_ELEMENTS = 1 << 22
 THROUGHPUT_ELEMENTS = 1 << 24
@@ -54,66 +53,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    zo_step.synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        zo_step.synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def replay_and_throughput(args: argparse.Namespace) -> dict:
     import torch
 
     from hf_fedkseed.perturbation import get_engine
-    from hf_fedkseed.reference import ReferenceZO
 
     torch.set_num_threads(args.threads)
     model, _ = zo_step.build_model_and_batch(64, args.device, args.threads)
     engine = get_engine(args.engine)
-    # A 2**22-element slice of the model: whole parameters, in order, until the budget is reached.
-    named, total = [], 0
-    for name, param in model.named_parameters():
-        if total + param.numel() > REPLAY_ELEMENTS and named:
-            break
-        named.append((name, param.detach()))
-        total += param.numel()
-    if total > REPLAY_ELEMENTS:  # the first parameter alone is larger: take a contiguous slice of it
-        named, total = [(named[0][0], named[0][1].view(-1)[:REPLAY_ELEMENTS])], REPLAY_ELEMENTS
-    generator = torch.Generator().manual_seed(7)
-    seeds = torch.randint(1, 100_000_000_000, (args.replay_seeds,), generator=generator).tolist()
-    coefficients = (torch.randn(args.replay_seeds, generator=generator, dtype=torch.float64) * 1e-7).tolist()
+    named, total = replay_slice(model, REPLAY_ELEMENTS)
+    seeds, coefficients = replay_pairs(args.replay_seeds, 7)
 
     compile_started = time.perf_counter()
     engine.replay_(named, seeds[:2], coefficients[:2])  # first call: compilation, if the engine compiles
     engine.add_noise_(named, seeds[0], 0.0)
-    zo_step.synchronize(args.device)
+    synchronize(args.device)
     first_call_seconds = time.perf_counter() - compile_started
 
     repeats = 1 if args.quick else 3
     ours = timed(lambda: engine.replay_(named, seeds, coefficients), repeats, args.device)
 
-    class _Slice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            for index, (_, tensor) in enumerate(named):
-                self.register_parameter(f"p{index}", torch.nn.Parameter(tensor.clone(), requires_grad=True))
-
-    reference = ReferenceZO(_Slice(), lr=1.0, eps=1e-3)
     naive_seeds = min(args.replay_seeds, 8 if args.quick else 32)
-    rng_devices = list(range(torch.cuda.device_count())) if args.device == "cuda" else []
-
-    def naive_replay() -> None:  # the official client's catch-up: one manual_seed + full regeneration per seed
-        with torch.random.fork_rng(devices=rng_devices):
-            for seed, coefficient in zip(seeds[:naive_seeds], coefficients[:naive_seeds], strict=True):
-                reference._update(seed, coefficient, 1.0)
-
-    naive_per_seed = timed(naive_replay, repeats, args.device) / naive_seeds
+    naive_per_seed = naive_replay_seconds_per_seed(
+        named, seeds[:naive_seeds], coefficients[:naive_seeds], repeats, args.device
+    )
     naive = naive_per_seed * args.replay_seeds
 
     # Generator throughput: one fused perturbation pass (alpha 0 leaves w unchanged) vs normal_ into a buffer.

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import zo_step
-from _common import cpu_name
+from _common import cpu_name, naive_replay_seconds_per_seed, replay_pairs, replay_slice, timed
 
 SLICE_ELEMENTS = 1 << 22
 
@@ -46,71 +46,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
-
-
-def draw(count: int, seed: int):
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    seeds = torch.randint(1, 100_000_000_000, (count,), generator=generator).tolist()
-    return seeds, (torch.randn(count, generator=generator, dtype=torch.float64) * 1e-7).tolist()
-
-
-def model_slice(model, budget: int) -> list:
-    """Whole parameters, in order, until `budget` elements (as `run.py`'s replay)."""
-    named, total = [], 0
-    for name, param in model.named_parameters():
-        if total + param.numel() > budget and named:
-            break
-        named.append((name, param.detach()))
-        total += param.numel()
-    if total > budget:
-        named = [(named[0][0], named[0][1].view(-1)[:budget])]
-    return named
-
-
 def catch_up(args: argparse.Namespace) -> dict:
-    import torch
 
     from hf_fedkseed.perturbation import CounterEngine, ShiftCounterEngine
-    from hf_fedkseed.reference import ReferenceZO
 
     model, _ = zo_step.build_model_and_batch(64, "cpu", args.threads)
-    named = model_slice(model, SLICE_ELEMENTS)
-    elements = sum(p.numel() for _, p in named)
+    named, elements = replay_slice(model, SLICE_ELEMENTS)
     shift, counter = ShiftCounterEngine(), CounterEngine()
     repeats = 1 if args.quick else 3
-    few, scaled_seeds = draw(64, 11)
+    few, scaled_seeds = replay_pairs(64, 11)
     shift.add_noise_(named, few[0], 0.0)  # compile both kernels before timing
     counter.add_noise_(named, few[0], 0.0)
     counter_per_seed = timed(lambda: counter.replay_(named, few, scaled_seeds), repeats) / len(few)
 
-    class _Slice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            for index, (_, tensor) in enumerate(named):
-                self.register_parameter(f"p{index}", torch.nn.Parameter(tensor.clone()))
-
-    reference = ReferenceZO(_Slice(), lr=1.0, eps=1e-3)
-
-    def naive() -> None:
-        with torch.random.fork_rng(devices=[]):
-            for seed, coefficient in zip(few[:8], scaled_seeds[:8], strict=True):
-                reference._update(seed, coefficient, 1.0)
-
-    naive_per_seed = timed(naive, repeats) / 8
+    naive_per_seed = naive_replay_seconds_per_seed(named, few[:8], scaled_seeds[:8], repeats)
     rows = {}
     for count in (1024, 4096):
-        seeds, coefficients = draw(count, count)
+        seeds, coefficients = replay_pairs(count, count)
         fft = timed(lambda seeds=seeds, coefficients=coefficients: shift.replay_(named, seeds, coefficients), repeats)
         rows[str(count)] = {
             "shift_fft_seconds": round(fft, 4),
@@ -132,7 +84,7 @@ def real_base(args: argparse.Namespace) -> tuple[dict, object, dict]:
     named = [(name, param.detach()) for name, param in model.named_parameters()]
     shift, counter = ShiftCounterEngine(), CounterEngine()
     repeats = 1 if args.quick else 3
-    seeds, coefficients = draw(4096, 4096)
+    seeds, coefficients = replay_pairs(4096, 4096)
     shift.add_noise_(named, seeds[0], 0.0)
     counter.add_noise_(named, seeds[0], 0.0)
     fft = timed(lambda: shift.replay_(named, seeds, coefficients), repeats)
@@ -180,7 +132,7 @@ def gradient_statistics(model, batch, pairs: int = 2000) -> dict:
     model.zero_grad()
     model(**batch).loss.backward()
     engine = ShiftCounterEngine()
-    seeds = draw(2 * pairs, 99)[0]
+    seeds = replay_pairs(2 * pairs, 99)[0]
     first, second = seeds[:pairs], seeds[pairs:]
     row_stride = model.config.hidden_size
     fixed_lags = [1, 2, 3, row_stride]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, seeded_llama
+from _common import cpu_name, seeded_llama, synchronize
 
 # torch and transformers are imported lazily, inside the functions that need them: the parent spawns the memory
 # children before it loads anything big, because Linux carries the parent's peak RSS into a child's `ru_maxrss`
@@ -115,13 +115,6 @@ def build_model_and_batch(
     generator = torch.Generator().manual_seed(BATCH_SEED)
     input_ids = torch.randint(VOCAB, (batch_size, seq_len), generator=generator).to(device)
     return model, {"input_ids": input_ids, "labels": input_ids.clone()}
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def naive_seeds(count: int) -> list[int]:
