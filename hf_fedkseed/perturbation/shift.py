@@ -109,7 +109,7 @@ class ShiftCounterEngine(CounterEngine):
         if len(pairs) < self.fft_min_seeds:
             return super().replay_(params, [s for s, _ in pairs], [c for _, c in pairs])
         seed_array = np.array([s & MASK64 for s, _ in pairs], dtype=np.uint64)
-        offset_words = {name: self.offset_words(seed_array, name) for name, _ in params}
+        words_by_name = {name: self.offset_words(seed_array, name) for name, _ in params}
         rows = self._rows(params)
         device = rows[0][1].device if rows else torch.device("cpu")
         scratch = torch.empty(2, min(len(rows), self.fft_blocks), SHIFT_BLOCK, device=device)  # u and the filters
@@ -117,7 +117,7 @@ class ShiftCounterEngine(CounterEngine):
         kernels = self.kernels_for(params)
         for first in range(0, len(rows), self.fft_blocks):
             batch = rows[first : first + self.fft_blocks]
-            self._replay_rows(kernels, batch, offset_words, coefs, scratch[:, : len(batch)])
+            self._replay_rows(kernels, batch, words_by_name, coefs, scratch[:, : len(batch)])
         return len(pairs)
 
     def _rows(self, params) -> list[tuple]:
@@ -130,7 +130,7 @@ class ShiftCounterEngine(CounterEngine):
                 rows.append((name, piece, start & 0xFFFFFFFF, start >> 32))
         return rows
 
-    def _replay_rows(self, kernels, rows, offset_words: dict, coefs: torch.Tensor, scratch: torch.Tensor) -> None:
+    def _replay_rows(self, kernels, rows, words_by_name: dict, coefs: torch.Tensor, scratch: torch.Tensor) -> None:
         """The FFT replay of a batch of block rows: u by the kernel (mask 0), the filters by scatter, three FFTs.
 
         The filter is scattered at `-o mod B`, which turns the cross-correlation `sum_o f(o) u(t + o)` into a
@@ -150,7 +150,7 @@ class ShiftCounterEngine(CounterEngine):
             keys = torch.tensor([to_int32(start), to_int32(k0 + high * HI_MULT), to_int32(k1), 0, 0], dtype=torch.int32)
             kernels.perturb_(u[run:row].view(-1), keys.to(device), unit)
             run = row
-        words = np.stack([(offset_words[name] + high * HI_MULT) & 0xFFFFFFFF for name, _, _, high in rows], axis=1)
+        words = np.stack([(words_by_name[name] + high * HI_MULT) & 0xFFFFFFFF for name, _, _, high in rows], axis=1)
         s = torch.from_numpy(words.astype(np.uint32).view(np.int32)).to(device)  # [seeds, rows]
         block = torch.tensor([start >> SHIFT_BITS for _, _, start, _ in rows], dtype=torch.int32, device=device)
         reversed_offsets = (-block_offsets(block[None, :], s, SHIFT_MASK)) & SHIFT_MASK
