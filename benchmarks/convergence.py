@@ -22,6 +22,9 @@ validation Rouge-L and loss:
 * `shift` (only when named): FedKSeed's step and learning rate along the `counter-shift` engine's directions
   (cyclic shifts of one Gaussian sequence per block; the catch-up costs a few FFTs whatever K is). The same
   estimator with other N(0, I) directions, so it keeps FedKSeed's lr: nothing was tuned for it.
+* `rademacher` (only when named): FedKSeed's step and learning rate along the `counter-rademacher` engine's +1/-1
+  directions (mean 0, identity covariance, so the same estimator in expectation and the same lr; nothing tuned).
+  Its steps cost about half as much on a CPU (`engine_step.py`), so the report's wall seconds matter here.
 
 FedKSeed on the same validation runs: 38.3 / 3.46.
 
@@ -51,6 +54,7 @@ LABELS = {
     "fzoo": "FZOO (N=4 one-sided, normalised)",
     "fzoo_subset": "FZOO + tensor subset 0.25",
     "shift": "FedKSeed, counter-shift engine",
+    "rademacher": "FedKSeed, counter-rademacher engine",
 }
 PAPER_STEP = ["--zo_estimator", "two_point", "--zo_directions", "1", "--zo_tensor_fraction", "1.0"]
 FZOO_STEP = ["--zo_estimator", "fzoo", "--zo_directions", "4"]
@@ -63,6 +67,7 @@ METHODS = {
     "fzoo": dict(points=5, overrides=[*FZOO_STEP, "--zo_tensor_fraction", "1.0", "--learning_rate", "6e-3"]),
     "fzoo_subset": dict(points=5, overrides=[*FZOO_STEP, "--zo_tensor_fraction", "0.25", "--learning_rate", "1e-2"]),
     "shift": dict(points=2, overrides=[*PAPER_STEP, "--engine", "counter-shift", "--learning_rate", "1e-5"]),
+    "rademacher": dict(points=2, overrides=[*PAPER_STEP, "--engine", "counter-rademacher", "--learning_rate", "1e-5"]),
 }
 DEFAULT_METHODS = ("fedkseed", "tensor_subset", "fzoo")
 BASELINE = "fedkseed"

@@ -193,11 +193,13 @@ def test_replay_undo_agrees_with_snapshot_undo(tmp_path):
     torch.testing.assert_close(snapshot_optimizer.accumulators, replay_optimizer.accumulators, rtol=0, atol=bound)
 
 
-@pytest.mark.parametrize(("pro", "engine"), [(False, "counter"), (True, "counter"), (True, "counter-shift")])
+@pytest.mark.parametrize(
+    ("pro", "engine"), [(False, "counter"), (True, "counter"), (True, "counter-shift"), (True, "counter-rademacher")]
+)
 def test_every_round_ends_where_a_client_catching_up_round_by_round_ends(tmp_path, monkeypatch, pro, engine):
     """One catch-up rule: after every round the shared model equals a fresh client's model that replays each
-    round's change of the accumulators in turn, bit for bit, also when the server clips a client (and with the
-    cyclic-shift engine, whose catch-ups of 8 seeds or more run by FFT)."""
+    round's change of the accumulators in turn, bit for bit, also when the server clips a client (with the
+    cyclic-shift engine, whose catch-ups of 8 seeds or more run by FFT, and with the quickstart's Rademacher one)."""
     # norm_bound clips every client to the round's median norm: of three clients, the longest one is clipped. Pro
     # updates carry g and the learning rate; the server's scalars are their exact products either way.
     cfg = config(rounds=2, clients_per_round=3, aggregation="norm_bound", pro=pro)
