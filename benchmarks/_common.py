@@ -62,6 +62,21 @@ def timed(fn, repeats: int, device: str = "cpu") -> float:
     return statistics.median(samples)
 
 
+def round_robin(workloads: dict, rounds: int, warmup: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each call of every workload, run in turn `rounds` times so that all of them see the same machine
+    state; the first `warmup` rounds are not kept."""
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
+    for round_index in range(rounds):
+        for name, workload in workloads.items():
+            synchronize(device)
+            start = time.perf_counter()
+            workload()
+            synchronize(device)
+            if round_index >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
 def replay_slice(model, budget: int) -> tuple[list, int]:
     """The catch-up benchmarks' slice of a model: whole parameters, in order, until `budget` elements (a contiguous
     slice of the first parameter if it alone is larger), as `(name, tensor)` pairs, and its element count."""

