@@ -155,6 +155,15 @@ class DataArguments:
         default=0,
         metadata={"help": "Also evaluate the held-out rows (Rouge-L and loss) every N rounds; 0: before and after."},
     )
+    base_evaluation: str | None = field(
+        default=None,
+        metadata={
+            "help": "A finished run's output_dir whose evaluation of the untuned base this run reuses instead of "
+            "evaluating the base again (a sweep over methods or learning rates from one base). Its "
+            "base_evaluation.json must be of the same base, held-out rows and generation settings; a mismatch stops "
+            "the run before the model loads. `hf-fedkseed train` only."
+        },
+    )
 
     def __post_init__(self):
         _check_text("dataset_name", self.dataset_name)
@@ -166,6 +175,8 @@ class DataArguments:
             _check_int("max_eval_samples", self.max_eval_samples, low=0, hint="or leave it unset for all rows")
         _check_int("max_new_tokens", self.max_new_tokens, low=1, hint="e.g. 128")
         _check_int("eval_every_rounds", self.eval_every_rounds, low=0, hint="0 evaluates only before and after")
+        if self.base_evaluation is not None:
+            _check_text("base_evaluation", self.base_evaluation)
         if self.held_out_categories is not None:
             _check_names("held_out_categories", self.held_out_categories)
 

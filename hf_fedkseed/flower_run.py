@@ -42,7 +42,12 @@ def run_flower(args: argparse.Namespace, overrides: list[str]) -> int:
             num_supernodes=args.num_supernodes,
             client_num_cpus=args.client_num_cpus,
         )
-        load_task(settings.recipe, settings.overrides, with_model=False)  # recipe errors surface before Ray starts
+        task = load_task(settings.recipe, settings.overrides, with_model=False)  # recipe errors before Ray starts
+        if task.data_args.base_evaluation is not None:
+            raise RecipeError(
+                "`base_evaluation` applies to `hf-fedkseed train`; the Flower runtime evaluates its base itself: "
+                "drop the field."
+            )
     except (ImportError, RecipeError, ValueError) as error:
         print(f"hf-fedkseed flower: error: {error}", file=sys.stderr)
         return USAGE_ERROR

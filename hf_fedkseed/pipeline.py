@@ -11,7 +11,9 @@ from .build import build_data, build_optimizer, load_model
 from .reporting import (
     HeldOutEvaluation,
     RoundEvaluationCallback,
+    base_fingerprint,
     cumulative_bytes_per_client,
+    read_base_evaluation,
     run_results,
     write_run_files,
 )
@@ -92,6 +94,17 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
             resolve_clients_per_round(partition.num_clients, federated_config)
         except ValueError as error:
             raise RecipeError(" ".join(str(error).split())) from None
+        fingerprint = base_fingerprint(
+            model_args,
+            data_args,
+            eval_batch_size=training_args.per_device_eval_batch_size,
+            seed=training_args.seed,
+            eval_rows=eval_rows,
+            loss_rows=loss_rows,
+        )
+        reused_base = None
+        if data_args.base_evaluation is not None:  # an earlier run's evaluation of this very base on these rows
+            reused_base = read_base_evaluation(data_args.base_evaluation, fingerprint, num_rows=len(eval_rows))
     except RecipeError:  # leave no empty output directory behind
         if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()
@@ -109,8 +122,9 @@ def run_training(model_args, data_args, zo_args, federated_config, training_args
         collator,
         max_new_tokens=data_args.max_new_tokens,
         batch_size=training_args.per_device_eval_batch_size,
+        fingerprint=fingerprint,
     )
-    evaluation(0, 0.0)  # the untuned base
+    evaluation.evaluate_base(reused_base)  # the untuned base (or its reused evaluation)
 
     method = getattr(federated_config, "method", None) or ("fedkseed_pro" if federated_config.pro else "fedkseed")
     if method in BASELINE_METHODS:  # fedzo, fedit, fedavg: the comparison methods (hf_fedkseed.baselines)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -13,16 +16,21 @@ from transformers import TrainerCallback
 from .forward_hooks import labelled_logits_only
 
 __all__ = [
+    "BASE_EVALUATION_FILE",
     "HeldOutEvaluation",
     "RoundEvaluationCallback",
+    "base_fingerprint",
     "cumulative_bytes_per_client",
     "held_out_loss",
     "plot_rounds",
+    "read_base_evaluation",
     "run_results",
     "write_run_files",
 ]
 
 logger = logging.getLogger(__name__)
+BASE_EVALUATION_FILE = "base_evaluation.json"  # every run's evaluation of its untuned base, for `base_evaluation`
+_BASE_EVALUATION_FORMAT = 1
 
 
 @torch.no_grad()
@@ -113,13 +121,46 @@ class HeldOutEvaluation:
         max_new_tokens, batch_size: generation settings.
     """
 
-    def __init__(self, model, tokenizer, eval_rows, loss_rows, collator, *, max_new_tokens: int, batch_size: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        eval_rows,
+        loss_rows,
+        collator,
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        fingerprint: str | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.eval_rows, self.loss_rows, self.collator = eval_rows, loss_rows, collator
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.fingerprint = fingerprint  # `base_fingerprint`: what the base's evaluation depends on
         self.records: list[dict] = []
         self.first: dict | None = None
         self.latest: dict | None = None
+
+    def evaluate_base(self, reused: dict | None = None) -> dict:
+        """Evaluate the untuned base (round 0), or take `reused`, a `read_base_evaluation` of an earlier run of the
+        same base on the same rows: its scores and generations, with `seconds` 0 (this run spent none on it)."""
+        if reused is None:
+            return self(0, 0.0)
+        record = dict(reused["record"], round=0, bytes_per_client=0.0, seconds=0.0, reused_from=reused["path"])
+        self.records.append(record)
+        if reused["result"] is not None:
+            self.first = self.latest = reused["result"]
+        logger.info("held-out base evaluation reused from %s", reused["path"])
+        return record
+
+    def base_evaluation(self) -> dict | None:
+        """What `BASE_EVALUATION_FILE` holds: the base's record and generations, keyed by the fingerprint."""
+        base = next((record for record in self.records if record["round"] == 0), None)
+        if self.fingerprint is None or base is None:
+            return None
+        record = {key: base[key] for key in ("rougeL", "eval_loss", "seconds")}
+        return {"format": _BASE_EVALUATION_FORMAT, "fingerprint": self.fingerprint, "record": record,
+                "result": self.first}  # fmt: skip
 
     def __call__(self, rounds_done: int, bytes_per_client: float) -> dict:
         from .evaluation import evaluate_rouge_l
@@ -242,8 +283,111 @@ def run_results(
 
 
 def write_run_files(output_dir: Path, results: dict, evaluation: HeldOutEvaluation, history: list[dict]) -> None:
-    """`eval_results.json`, `predictions.jsonl` and `training.png` in `output_dir`."""
+    """`eval_results.json`, `predictions.jsonl`, `base_evaluation.json` and `training.png` in `output_dir`."""
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
     evaluation.write_predictions(output_dir / "predictions.jsonl")
+    base = evaluation.base_evaluation()
+    if base is not None:
+        (output_dir / BASE_EVALUATION_FILE).write_text(json.dumps(base, ensure_ascii=False) + "\n", encoding="utf-8")
     if history:
         plot_rounds(history, output_dir / "training.png", evaluation.records)
+
+
+def base_fingerprint(model_args, data_args, *, eval_batch_size: int, seed: int, eval_rows, loss_rows) -> str:
+    """The sha256 of everything an evaluation of the untuned base depends on: the exact base (`base_record`: source,
+    revision, GGUF sha256; with its dtype, tokenizer and quantization, and the seed of a from-scratch model), the
+    held-out rows as token ids (prompts, references, loss labels) and the generation settings. Two runs with equal
+    fingerprints score the base alike, so a sweep over methods or learning rates evaluates it once
+    (`base_evaluation`)."""
+    from .bases import base_record
+
+    def column(rows, name: str) -> list:
+        return list(rows[name]) if name in getattr(rows, "column_names", ()) else []
+
+    model = dict(
+        base_record(model_args),
+        dtype=model_args.dtype,
+        from_scratch=model_args.from_scratch,
+        tokenizer_name=model_args.tokenizer_name,
+        load_in_8bit=model_args.load_in_8bit,
+        load_in_4bit=model_args.load_in_4bit,
+        init_seed=seed if model_args.from_scratch else None,
+    )
+    payload = dict(
+        model=model,
+        prompt_format=data_args.prompt_format,
+        max_new_tokens=data_args.max_new_tokens,
+        eval_batch_size=eval_batch_size,
+        prompts=column(eval_rows, "input_ids"),
+        references=column(eval_rows, "reference"),
+        loss_input_ids=column(loss_rows, "input_ids"),
+        loss_labels=column(loss_rows, "labels"),
+    )
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_base_evaluation(path: str | Path, fingerprint: str, num_rows: int) -> dict[str, Any]:
+    """Read an earlier run's `base_evaluation.json` (JSON only) and check it is an evaluation of this run's base on
+    this run's rows (`fingerprint`, from `base_fingerprint`), before the model loads.
+
+    Args:
+        path: the earlier run's `output_dir`, or its `base_evaluation.json`.
+        fingerprint: this run's `base_fingerprint`.
+        num_rows: this run's held-out rows (generations must match them one to one).
+
+    Returns:
+        `{"path", "record", "result"}` for `HeldOutEvaluation.evaluate_base`.
+
+    Raises:
+        RecipeError: if the file is missing, is not a base evaluation, or belongs to another base, other rows or
+            other generation settings. The message names the fix: drop `base_evaluation` to evaluate this base.
+    """
+    from .configs import RecipeError
+
+    folder = Path(path)
+    file = folder / BASE_EVALUATION_FILE if folder.is_dir() else folder
+    fix = "point it at the output_dir of a finished run with the same base and held-out rows, or drop it"
+    if not file.is_file():
+        raise RecipeError(f"`base_evaluation`: {file} does not exist; {fix} (every run writes {BASE_EVALUATION_FILE}).")
+    try:
+        payload = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RecipeError(f"`base_evaluation`: {file} is not readable JSON ({error}); {fix}.") from None
+
+    if not _is_base_evaluation(payload):
+        raise RecipeError(f"`base_evaluation`: {file} is not a base evaluation hf_fedkseed wrote; {fix}.")
+    if payload["fingerprint"] != fingerprint:
+        raise RecipeError(
+            f"`base_evaluation`: {file} evaluated another base, other held-out rows or other generation settings "
+            f"(fingerprint {payload['fingerprint'][:12]}, this run's {fingerprint[:12]}); {fix}."
+        )
+    if payload["result"] is not None and len(payload["result"]["predictions"]) != num_rows:
+        raise RecipeError(f"`base_evaluation`: {file} holds generations for other rows than its fingerprint; {fix}.")
+    record = {key: payload["record"].get(key) for key in ("rougeL", "eval_loss")}
+    return {"path": str(file), "record": record, "result": payload["result"]}
+
+
+def _is_base_evaluation(payload: Any) -> bool:
+    """Whether `payload` has the shape `HeldOutEvaluation.base_evaluation` writes."""
+
+    def number(value: Any) -> bool:
+        return value is None or (type(value) in (int, float) and math.isfinite(value))
+
+    if not isinstance(payload, dict) or payload.get("format") != _BASE_EVALUATION_FORMAT:
+        return False
+    record, result = payload.get("record"), payload.get("result")
+    if not isinstance(payload.get("fingerprint"), str) or not isinstance(record, dict):
+        return False
+    if not (number(record.get("rougeL")) and number(record.get("eval_loss"))):
+        return False
+    if result is None:  # no generation rows: the loss alone
+        return True
+    predictions, scores = (result.get(key) if isinstance(result, dict) else None for key in ("predictions", "scores"))
+    return (
+        number(result.get("rougeL"))
+        and isinstance(predictions, list)
+        and isinstance(scores, list)
+        and len(predictions) == len(scores)
+        and all(isinstance(text, str) for text in predictions)
+        and all(number(score) for score in scores)
+    )

@@ -84,6 +84,15 @@ def test_train_usage_errors_exit_2_with_one_message(tmp_path, capsys, extra_yaml
     assert "Traceback" not in err
 
 
+def test_a_missing_base_evaluation_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "run"
+    assert main(["train", "recipes/smoke.yaml", "--output_dir", str(output), "--base_evaluation", "nowhere"]) == 2
+    err = capsys.readouterr().err  # after the tokenizing progress bars: the data are read before the check
+    assert "hf-fedkseed train: error: `base_evaluation`: nowhere does not exist; point it at the output_dir" in err
+    assert "Traceback" not in err and not output.exists()
+
+
 def test_missing_recipe_and_missing_fields(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "not found; pass the path of a YAML file" in capsys.readouterr().err

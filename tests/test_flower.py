@@ -140,6 +140,8 @@ def test_a_malformed_reply_and_a_silent_node_leave_the_server_state_as_the_good_
 def test_the_cli_refuses_a_missing_recipe_with_a_usage_error(capsys):
     assert main(["flower", "missing.yaml"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["flower", str(RECIPE), "--base_evaluation", "outputs/smoke"]) == 2
+    assert "`base_evaluation` applies to `hf-fedkseed train`" in capsys.readouterr().err
     with pytest.raises(ValueError, match="`round_timeout`"):
         FlowerConfig(recipe=RECIPE, round_timeout=0)
 
