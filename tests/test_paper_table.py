@@ -59,6 +59,12 @@ def test_quick_table_on_the_tiny_base_runs_every_method_and_reports_real_bytes(p
     assert paper_table.main(argv) == 0
     summary = check_report(paper_table, out, "quickstart", ["ablation_k16"])
     assert summary["ablation_k16"]["bytes_per_client_per_round"] < summary["fedkseed"]["bytes_per_client_per_round"]
+    # The first method's run evaluates the base; every other run of the seed reuses that evaluation.
+    runs = json.loads((out / "quickstart" / "results.json").read_text())["runs"]
+    reused = {run["spec"]["name"]: run["result"]["evaluations"][0].get("reused_from") for run in runs}
+    assert reused.pop("fedkseed_seed0") is None and len(reused) == 5  # 4 other methods and the K ablation
+    assert all(path.endswith("fedkseed_seed0/base_evaluation.json") for path in reused.values()), reused
+    assert len({(run["result"]["rougeL_before"], run["result"]["eval_loss_before"]) for run in runs}) == 1
     # A second call reuses every finished run instead of training again.
     stamp = (out / "quickstart" / "runs" / "fedavg_seed0" / "paper_table_result.json").stat().st_mtime_ns
     assert paper_table.main(argv) == 0
@@ -111,6 +117,22 @@ def test_real_base_runs_carry_the_table_settings(paper_table):
     assert value(by_name["fedkseed_seed1"], "--learning_rate") == "1e-5"
     assert value(by_name["fedkseed_seed1"], "--zo_eps") == "1e-3"
     assert value(by_name["fedit_seed2"], "--learning_rate") == "5e-4"
+    # The ZO methods share one engine (the real base's: Rademacher z); the first-order ones have none.
+    for name in ("fedkseed_seed0", "fedkseed_pro_seed1", "fedzo_seed2"):
+        assert value(by_name[name], "--engine") == "counter-rademacher", name
+    assert "--engine" not in by_name["fedavg_seed0"] and "--engine" not in by_name["fedit_seed0"]
+    gaussian = paper_table.parse_args(["--zo-engine", "counter"])
+    specs = paper_table.build_specs(gaussian, mmlu, paper_table.BASES["smollm2"]["overrides"])
+    zo_specs = [spec for spec in specs if spec["method"] in ("fedkseed", "fedkseed_pro", "fedzo")]
+    assert {value(spec["overrides"], "--engine") for spec in zo_specs} == {"counter"}  # the paper's Gaussian z
+    # Seed by seed, FedKSeed's run evaluates the base and the other methods reuse its evaluation; a 4-bit base
+    # (another base) evaluates its own.
+    assert "--base_evaluation" not in by_name["fedkseed_seed1"]
+    assert value(by_name["fedavg_seed1"], "--base_evaluation").endswith("ni-mmlu/runs/fedkseed_seed1")
+    with_4bit = paper_table.parse_args(["--methods", "fedit_4bit", "fedit", "fedavg"])
+    specs_4bit = {spec["name"]: spec["overrides"] for spec in paper_table.build_specs(with_4bit, mmlu, [])}
+    assert "--base_evaluation" not in specs_4bit["fedit_4bit_seed0"] + specs_4bit["fedit_seed0"]
+    assert value(specs_4bit["fedavg_seed0"], "--base_evaluation").endswith("runs/fedit_seed0")
     quick = paper_table.build_specs(args, QUICKSTART, [])
     assert value(quick[0]["overrides"], "--max_new_tokens") == "12"
 
