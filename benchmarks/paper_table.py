@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -11,6 +12,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=None)
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="recipe overrides for every run")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="runs side by side, each child with cores/jobs threads (default 2: on 2 cores, two one-thread runs "
+        "finish the table sooner than one two-thread run at a time; 1: one at a time, with all the cores)",
+    )
     parser.add_argument("--in-process", action="store_true", help="run every job in this process (tests; no memory)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_new_tokens_cap = profile.get("max_new_tokens")
     args.pretrain_steps = profile.get("pretrain_steps", 0)
     args.ablation_seeds = args.seeds[:1]
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     args.methods = list(METHODS) if args.methods is None else args.methods
     unknown = sorted(set(args.methods) - set(METHODS + OPTIONAL_METHODS))
     if unknown:
@@ -300,8 +311,9 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({k: spec[k] for k in ("recipe", "overrides")}).encode()).hexdigest()[:16]
 
 
-def run_spec(spec: dict[str, Any], in_process: bool) -> dict[str, Any]:
-    """Run one job (or reuse its result when the same spec already ran into the same directory)."""
+def run_spec(spec: dict[str, Any], in_process: bool, threads: int | None = None) -> dict[str, Any]:
+    """Run one job (or reuse its result when the same spec already ran into the same directory); a child gets
+    `threads` intra-op threads when given (`OMP_NUM_THREADS`, which torch reads at start)."""
     result_path = Path(spec["result_path"])
     marker = result_path.with_suffix(".spec")
     if result_path.is_file() and marker.is_file() and marker.read_text() == spec_hash(spec):
@@ -313,14 +325,57 @@ def run_spec(spec: dict[str, Any], in_process: bool) -> dict[str, Any]:
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
         log_path = result_path.with_suffix(".log")
+        env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
         with log_path.open("w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False, cwd=ROOT)
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False, cwd=ROOT, env=env)
         if done.returncode != 0:
             tail = log_path.read_text()[-3000:]
             raise RuntimeError(f"run {spec['name']} failed (exit {done.returncode}); log {log_path}:\n{tail}")
         result = json.loads(result_path.read_text())
     marker.write_text(spec_hash(spec))
     return result
+
+
+def run_all(specs: list[dict[str, Any]], args: argparse.Namespace, started: float) -> dict[str, dict[str, Any]]:
+    """Every planned run, `args.jobs` at a time, each child with its share of the cores; a run that reuses another
+    run's base evaluation (`--base_evaluation`) starts once that run is done. Returns the results by result path."""
+    unique = list({spec["result_path"]: spec for spec in specs}.values())  # a reused run (K ablation) runs once
+    jobs = 1 if args.in_process else max(1, min(args.jobs, len(unique)))
+    threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+    args.jobs_used, args.threads_per_run = jobs, threads or os.cpu_count()  # for the report's header
+    futures: dict[str, concurrent.futures.Future] = {}
+    lock, finished = threading.Lock(), [0]
+    after = rouge_keys(args.metric)[1]
+
+    def job(spec: dict[str, Any]) -> dict[str, Any]:
+        overrides = spec["overrides"]
+        if "--base_evaluation" in overrides:  # submitted earlier, so waiting here cannot deadlock the pool
+            provider = Path(overrides[overrides.index("--base_evaluation") + 1]) / "paper_table_result.json"
+            if str(provider) in futures:
+                futures[str(provider)].result()
+        run_started = time.perf_counter()
+        result = run_spec(spec, args.in_process, threads)
+        status = (
+            f"skipped: {result['skipped']}"
+            if "skipped" in result
+            else f"Rouge-L {100 * result[after]:.2f}  loss {result['eval_loss_after']:.4f}  "
+            f"{human_bytes(result['bytes_per_client_per_round'])}/client/round"
+        )
+        with lock:
+            finished[0] += 1
+            print(
+                f"[{finished[0]}/{len(unique)}] {spec['dataset']}/{spec['name']}: {status}  "
+                f"({time.perf_counter() - run_started:.0f}s, {time.perf_counter() - started:.0f}s so far)",
+                flush=True,
+            )
+        return result
+
+    if jobs == 1:  # in order, in this thread (the in-process runs of the tests)
+        return {spec["result_path"]: job(spec) for spec in unique}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for spec in unique:
+            futures[spec["result_path"]] = pool.submit(job, spec)
+        return {path: future.result() for path, future in futures.items()}
 
 
 def pretrained_base(args: argparse.Namespace) -> str:
@@ -586,7 +641,13 @@ def markdown(summary: dict[str, dict[str, Any]], claims: list[dict[str, Any]], m
         f"std over seeds {meta['seeds']}; ZO directions: {ZO_ENGINES[meta.get('zo_engine', 'counter')]}; "
         f"learning rates ZO {meta['learning_rates']['zo']} (eps {ZO_EPS}), FedIT "
         f"{meta['learning_rates']['fedit']}, FedAvg {meta['learning_rates']['fedavg']}; {meta['cpu']}, "
-        f"{meta['threads']} threads.",
+        f"{meta['threads']} threads"
+        + (
+            f" ({meta['jobs']} runs side by side, {meta['threads_per_run']} thread(s) each: times are per run beside "
+            "another)."
+            if meta.get("jobs", 1) > 1
+            else "."
+        ),
         "",
         "| method | Rouge-L (%) | held-out loss | Δ loss vs base | bytes / client / round | total bytes | "
         "peak memory (MiB) | train time (s) | run time (s) |",
@@ -717,26 +778,10 @@ def main(argv: list[str] | None = None) -> int:
         "tiny": "a random 2-layer Llama (byte-level tokenizer)",
         "pretrained": "the miniature pretrained base (byte-level tokenizer)",
     }[args.base]
-    sections, datasets_report, number = [], {}, 0
+    by_path = run_all([spec for _, specs in plans for spec in specs], args, started)
+    sections, datasets_report = [], {}
     for dataset, specs in plans:
-        results = []
-        for spec in specs:
-            number += 1
-            run_started = time.perf_counter()
-            result = run_spec(spec, args.in_process)
-            results.append((spec, result))
-            after = rouge_keys(args.metric)[1]
-            status = (
-                f"skipped: {result['skipped']}"
-                if "skipped" in result
-                else f"Rouge-L {100 * result[after]:.2f}  loss {result['eval_loss_after']:.4f}  "
-                f"{human_bytes(result['bytes_per_client_per_round'])}/client/round"
-            )
-            print(
-                f"[{number}/{len(specs) * len(plans)}] {dataset.name}/{spec['name']}: {status}  "
-                f"({time.perf_counter() - run_started:.0f}s, {time.perf_counter() - started:.0f}s so far)",
-                flush=True,
-            )
+        results = [(spec, by_path[spec["result_path"]]) for spec in specs]
         summary = summarise(results, args.metric)
         claims = orderings(summary)
         meta = {
@@ -759,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": None if args.recipe is None else str(args.recipe),
             "cpu": cpu_name(),
             "threads": os.cpu_count(),
+            "jobs": args.jobs_used,
+            "threads_per_run": args.threads_per_run,
             "in_process": args.in_process,
         }
         section = markdown(summary, claims, meta)

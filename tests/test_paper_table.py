@@ -71,6 +71,24 @@ def test_quick_table_on_the_tiny_base_runs_every_method_and_reports_real_bytes(p
     assert (out / "quickstart" / "runs" / "fedavg_seed0" / "paper_table_result.json").stat().st_mtime_ns == stamp
 
 
+def test_runs_side_by_side_in_child_processes_wait_for_the_base_evaluation_they_reuse(paper_table, tmp_path):
+    out = tmp_path / "table"
+    argv = ["--quick", "--base", "tiny", "--jobs", "2", "--output-dir", str(out), "--dataset", str(QUICKSTART)]
+    argv += ["--methods", "fedkseed", "fedit", "fedavg", "--ablation-k", "--local-steps", "1", "--eval-samples", "2"]
+    assert paper_table.main(argv) == 0
+    report = json.loads((out / "quickstart" / "results.json").read_text())
+    assert report["meta"]["jobs"] == 2 and report["meta"]["threads_per_run"] == max(1, (os.cpu_count() or 1) // 2)
+    runs = {run["spec"]["name"]: run["result"] for run in report["runs"]}
+    assert set(runs) == {"fedkseed_seed0", "fedit_seed0", "fedavg_seed0"}
+    # Both dependents started only after FedKSeed's run wrote its base evaluation (else their recipe is refused).
+    for name in ("fedit_seed0", "fedavg_seed0"):
+        assert runs[name]["evaluations"][0]["reused_from"].endswith("fedkseed_seed0/base_evaluation.json")
+        assert runs[name]["rougeL_before"] == runs["fedkseed_seed0"]["rougeL_before"]
+    assert "2 runs side by side" in (out / "quickstart" / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        paper_table.parse_args(["--jobs", "0"])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("HF_FEDKSEED_BENCHMARK_TESTS") != "1",
