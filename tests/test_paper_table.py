@@ -165,8 +165,9 @@ def test_full_profile_is_budgeted_within_an_hour(paper_table):
     plans = [(path, paper_table.build_specs(args, path, overrides)) for path in paths]
     assert sum(len(specs) for _, specs in plans) == 2 * 5 * 3
     assert [paper_table.dataset_settings(path, args)["eval_samples"] for path in paths] == [48, 32]
-    rows = {path: paper_table.dataset_settings(path, args)["eval_samples"] for path in paths}
-    assert sum(paper_table.estimate_seconds(specs, args, eval_samples=rows[path]) for path, specs in plans) <= 3600
+    assert paper_table.estimate_wall_seconds(plans, args) <= 3600  # the default: two runs side by side
+    one_at_a_time = paper_table.parse_args(["--jobs", "1"])
+    assert paper_table.estimate_wall_seconds(plans, one_at_a_time) > paper_table.estimate_wall_seconds(plans, args)
 
 
 def test_orderings_are_computed_from_the_numbers(paper_table):
