@@ -5,12 +5,18 @@ numbers would overfit the report, so this script runs the quickstart recipe on i
 seeded 8 of each family's 48 instances set aside as validation rows, for each candidate, and scores the validation
 rows. The held-out families are not read at all. A candidate is a name and recipe overrides (by default the learning
 rates 1e-5, 2e-5 and 4e-5); the choice is the candidate with the best validation Rouge-L (ties: the lower validation
-loss). Each run is one fresh process with one thread, so the candidates can run side by side (`--parallel`).
+loss). With `--seeds`, every candidate runs once per training seed (the seed draws the clients of each round, the
+z seeds and the batches; the validation rows stay the same) and the choice is by the mean over the seeds, so that a
+candidate is not chosen for one lucky draw. Each run is one fresh process with one thread, so the runs can go side by
+side (`--parallel`).
 
     python benchmarks/quickstart_validation.py --parallel --json benchmarks/results/quickstart_validation.json
     python benchmarks/quickstart_validation.py --parallel \
         --candidate b4 "--per_device_train_batch_size 4 --local_steps 19" \
         --candidate b2 "--per_device_train_batch_size 2 --local_steps 28"
+    python benchmarks/quickstart_validation.py --parallel --seeds 1 2 \
+        --candidate three "--clients_per_round 3 --local_steps 20" \
+        --candidate all "--clients_per_round 6 --local_steps 10"
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_name
+from _common import cpu_name, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "hf_fedkseed" / "resources" / "quickstart"
@@ -64,6 +70,7 @@ def run_one(recipe: Path, data: Path, name: str, overrides: list[str], output: P
     return {
         "candidate": name,
         "overrides": " ".join(overrides),
+        "seed": training_args.seed,
         "learning_rate": training_args.learning_rate,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "zo_steps": fed_args.rounds * fed_args.clients_per_round * fed_args.local_steps,
@@ -97,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.yaml")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "quickstart_validation")
-    parser.add_argument("--parallel", action="store_true", help="one single-threaded process per candidate at once")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="training seeds; each candidate runs once per seed and is "
+        "judged by its mean (default: the recipe's seed only)",
+    )
+    parser.add_argument("--parallel", action="store_true", help="every run at once, one single-threaded process each")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="recipe overrides for every run")
@@ -119,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     children = []
     candidates = args.candidate or [(f"lr{lr:g}", f"--learning_rate {lr:g}") for lr in (1e-5, 2e-5, 4e-5)]
-    for name, overrides in candidates:
-        output = args.output_dir / name
+    runs = [(name, overrides, seed) for name, overrides in candidates for seed in (args.seeds or [None])]
+    for name, overrides, seed in runs:
+        output = args.output_dir / (name if seed is None else f"{name}_seed{seed}")
         spec = dict(
             recipe=str(args.recipe),
             data=str(data),
             name=name,
-            overrides=overrides.split(),
+            overrides=overrides.split() + ([] if seed is None else ["--seed", str(seed)]),
             output=str(output),
             extra=args.extra,
         )
@@ -141,16 +157,29 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the run in {output} failed")
         rows.append(json.loads((output / "validation.json").read_text()))
         print(json.dumps(rows[-1]), flush=True)
-    best = max(rows, key=lambda row: (row["rougeL_after"], -row["eval_loss_after"]))
+    summary = {}
+    for name, overrides in candidates:  # per candidate: mean and std over its seeds
+        own = [row for row in rows if row["candidate"] == name]
+        rouge, rouge_std = mean_std([row["rougeL_after"] for row in own])
+        loss, loss_std = mean_std([row["eval_loss_after"] for row in own])
+        summary[name] = dict(
+            overrides=overrides, seeds=[row["seed"] for row in own], rougeL_after=rouge, rougeL_after_std=rouge_std,
+            eval_loss_after=loss, eval_loss_after_std=loss_std,
+        )  # fmt: skip
+        print(f"{name}: validation Rouge-L {100 * rouge:.1f} ± {100 * rouge_std:.1f}, loss {loss:.3f} ± {loss_std:.3f}")
+    chosen = max(summary, key=lambda name: (summary[name]["rougeL_after"], -summary[name]["eval_loss_after"]))
     report = {
         "validation": f"{VALIDATION_ROWS} seeded instances of each of the 6 training families (never trained on)",
         "machine": cpu_name(),
         "parallel": args.parallel,
         "seconds": time.perf_counter() - started,
         "runs": rows,
-        "chosen": best,
+        "candidates": summary,
+        "chosen": dict(candidate=chosen, **summary[chosen]),
     }
-    print(f"chosen: {best['candidate']} ({best['overrides']}; validation Rouge-L {100 * best['rougeL_after']:.1f})")
+    best = summary[chosen]
+    print(f"chosen: {chosen} ({best['overrides']}; validation Rouge-L {100 * best['rougeL_after']:.1f} over seeds "
+          f"{best['seeds']})")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
